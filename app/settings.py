@@ -1,0 +1,127 @@
+"""One frozen settings object, read from the environment with the seed's defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Mapping
+
+
+class SettingsError(ValueError):
+    """A setting in the environment has a value we cannot use."""
+
+
+GREETING_LOCK_MODES = ("silence", "drop", "pass")
+ECHO_GATE_MODES = ("reference", "rms")
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Server
+    host: str = "127.0.0.1"
+    port: int = 8080
+    public_host: str = "localhost:8080"
+    twilio_auth_token: str = ""
+    stream_token_secret: str = ""
+    log_level: str = "INFO"
+
+    # Model connection
+    openai_api_key: str = field(default="", repr=False)
+    realtime_url: str = "wss://api.openai.com/v1/realtime"
+    realtime_model: str = "gpt-realtime-2.1"
+    instructions: str = (
+        "You are a friendly phone assistant. Greet the caller briefly, then answer "
+        "their questions in short spoken sentences."
+    )
+    voice: str = "marin"
+    server_vad_threshold: float = 0.82
+    server_vad_prefix_padding_ms: int = 300
+    server_vad_silence_duration_ms: int = 650
+
+    # Turn-taking (the seed's balanced values)
+    enable_barge_in: bool = True
+    barge_in_voice_frames: int = 6
+    barge_in_debounce_ms: int = 350
+    echo_gate_min_rms: float = 200.0
+    echo_gate_mode: str = "reference"
+    vad_aggressiveness: int = 2
+    greeting_lock_mode: str = "silence"
+    first_utterance_safety_margin_ms: int = 2000
+    first_response_max_retries: int = 2
+    playback_lead_ms: int = 200
+    playback_chunk_ms: int = 100
+
+    # Storage
+    database_url: str = "sqlite:///callgate.db"
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.port <= 65535:
+            raise SettingsError(f"CALLGATE_PORT must be 1-65535, got {self.port}")
+        if self.greeting_lock_mode not in GREETING_LOCK_MODES:
+            raise SettingsError(
+                f"CALLGATE_GREETING_LOCK_MODE must be one of {', '.join(GREETING_LOCK_MODES)}, "
+                f"got {self.greeting_lock_mode!r}"
+            )
+        if self.echo_gate_mode not in ECHO_GATE_MODES:
+            raise SettingsError(
+                f"CALLGATE_ECHO_GATE_MODE must be one of {', '.join(ECHO_GATE_MODES)}, "
+                f"got {self.echo_gate_mode!r}"
+            )
+        if not 0 <= self.vad_aggressiveness <= 3:
+            raise SettingsError(
+                f"CALLGATE_VAD_AGGRESSIVENESS must be 0-3, got {self.vad_aggressiveness}"
+            )
+        if not 0.0 <= self.server_vad_threshold <= 1.0:
+            raise SettingsError(
+                f"CALLGATE_SERVER_VAD_THRESHOLD must be 0.0-1.0, got {self.server_vad_threshold}"
+            )
+        if self.barge_in_voice_frames < 1:
+            raise SettingsError(
+                f"CALLGATE_BARGE_IN_VOICE_FRAMES must be at least 1, got {self.barge_in_voice_frames}"
+            )
+        if self.playback_chunk_ms < 20 or self.playback_chunk_ms % 20:
+            raise SettingsError(
+                f"CALLGATE_PLAYBACK_CHUNK_MS must be a positive multiple of 20, got {self.playback_chunk_ms}"
+            )
+
+    @property
+    def uses_local_model(self) -> bool:
+        """No key means the built-in local model stands in for OpenAI."""
+        return not self.openai_api_key
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        """Read CALLGATE_* (and OPENAI_API_KEY, DATABASE_URL) from the environment."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for settings_field in dataclasses.fields(cls):
+            name = _env_name(settings_field.name)
+            if name in environ:
+                values[settings_field.name] = _parse(name, environ[name], settings_field.type)
+        return cls(**values)
+
+
+_UNPREFIXED = {"openai_api_key": "OPENAI_API_KEY", "database_url": "DATABASE_URL"}
+
+
+def _env_name(field_name: str) -> str:
+    return _UNPREFIXED.get(field_name, "CALLGATE_" + field_name.upper())
+
+
+def _parse(name: str, raw: str, type_name: str) -> object:
+    text = raw.strip()
+    if type_name == "str":
+        return raw
+    if type_name == "bool":
+        lowered = text.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise SettingsError(f"{name} must be true or false, got {raw!r}")
+    converters = {"int": int, "float": float}
+    try:
+        return converters[type_name](text)
+    except ValueError:
+        raise SettingsError(f"{name} must be a {type_name}, got {raw!r}") from None
