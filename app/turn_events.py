@@ -1,0 +1,132 @@
+"""The vocabulary of the turn-taking state machine: events in, actions out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Union
+
+
+# Events: what happened on the call, as the state machine needs to know it.
+@dataclass(frozen=True, slots=True)
+class CallStarted:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseCreated:
+    response_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class AudioDelta:
+    response_id: str
+    item_id: str
+    audio: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class AudioDone:
+    response_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class TranscriptDone:
+    response_id: str
+    item_id: str
+    transcript: str
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseDone:
+    response_id: str
+    status: str
+
+
+@dataclass(frozen=True, slots=True)
+class ModelError:
+    code: str
+    message: str
+    event_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class MarkPlayed:
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class VoiceOnset:
+    """The local VAD heard the caller: `voiced_ms` of consecutive voice that passed the echo gate."""
+
+    voiced_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class DtmfPressed:
+    digit: str
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """Time passed; lets deadlines fire without any other event."""
+
+
+@dataclass(frozen=True, slots=True)
+class CallEnding:
+    reason: str
+
+
+TurnEvent = Union[
+    CallStarted, ResponseCreated, AudioDelta, AudioDone, TranscriptDone, ResponseDone, ModelError,
+    MarkPlayed, VoiceOnset, DtmfPressed, Tick, CallEnding,
+]
+
+
+# Actions: what the call's tasks must carry out, in order.
+@dataclass(frozen=True, slots=True)
+class SendToModel:
+    event: dict
+
+
+@dataclass(frozen=True, slots=True)
+class PlayAudio:
+    """Send `audio` to the carrier, then a mark named `mark` to learn when it has been heard."""
+
+    response_id: str
+    audio: bytes
+    mark: str
+
+
+@dataclass(frozen=True, slots=True)
+class StopPlayback:
+    response_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ClearCarrier:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Log:
+    tag: str
+    message: str
+    fields: dict = field(default_factory=dict)
+    level: str = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class RecordEvent:
+    kind: str
+    detail: dict
+
+
+@dataclass(frozen=True, slots=True)
+class RecordTranscript:
+    role: str
+    text: str
+    truncated: bool
+    heard_ms: int | None
+
+
+TurnAction = Union[SendToModel, PlayAudio, StopPlayback, ClearCarrier, Log, RecordEvent, RecordTranscript]

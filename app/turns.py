@@ -1,0 +1,329 @@
+"""The call's turn-taking rules as one pure state machine: handle(event, now) -> actions.
+
+No I/O and no clock: `now` is passed in (seconds). The call's trio tasks feed events in and
+carry the returned actions out, in order.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from app.realtime import protocol
+from app.settings import Settings
+from app.turn_events import (
+    AudioDelta, AudioDone, CallEnding, CallStarted, ClearCarrier, DtmfPressed, Log, MarkPlayed, ModelError,
+    PlayAudio, RecordEvent, RecordTranscript, ResponseCreated, ResponseDone, SendToModel, StopPlayback, Tick,
+    TranscriptDone, TurnAction, TurnEvent, VoiceOnset,
+)
+
+MULAW_BYTES_PER_MS = 8
+FIRST_RESPONSE_TIMEOUT_S = 10.0
+FIRST_RESPONSE_EVENT_PREFIX = "callgate_first_response_"
+
+
+class InboundDisposition(enum.Enum):
+    """What the model hears of one inbound frame."""
+
+    AUDIO = "audio"
+    SILENCE = "silence"
+    DROP = "drop"
+
+
+_GREETING_LOCK_DISPOSITIONS = {
+    "silence": InboundDisposition.SILENCE,
+    "drop": InboundDisposition.DROP,
+    "pass": InboundDisposition.AUDIO,
+}
+
+
+@dataclass(slots=True)
+class ItemAudio:
+    item_id: str
+    generated_ms: int = 0
+    played_ms: int = 0
+    transcript: str = ""
+    recorded: bool = False
+
+
+@dataclass(slots=True)
+class ResponseState:
+    response_id: str
+    active: bool = True
+    audio_done: bool = False
+    cancel_sent: bool = False
+    silenced: bool = False
+    items: dict[str, ItemAudio] = field(default_factory=dict)
+    pending_marks: set[str] = field(default_factory=set)
+
+    @property
+    def generated_ms(self) -> int:
+        return sum(item.generated_ms for item in self.items.values())
+
+    @property
+    def unplayed_ms(self) -> int:
+        return sum(item.generated_ms - item.played_ms for item in self.items.values())
+
+
+@dataclass(frozen=True, slots=True)
+class MarkPosition:
+    response_id: str
+    item_id: str
+    item_end_ms: int
+
+
+class Turns:
+    """Who may speak when: first-utterance protection, greeting lock and barge-in."""
+
+    def __init__(self, settings: Settings, *, barge_in_enabled: bool = True) -> None:
+        self.settings = settings
+        self.barge_in_enabled = barge_in_enabled
+        self.first_utterance_protected = True
+        self.first_response_id: str | None = None
+        self._awaiting_first_response = False
+        self._first_response_attempts = 0
+        self._protection_deadline: float | None = None
+        self._responses: dict[str, ResponseState] = {}
+        self._marks: dict[str, MarkPosition] = {}
+        self._mark_count = 0
+        self._chunk_bytes = settings.playback_chunk_ms * MULAW_BYTES_PER_MS
+
+    # Queries the call's tasks make between events.
+    @property
+    def bot_audible(self) -> bool:
+        """The caller hears, or is about to hear, the bot: a live response or audio not yet played."""
+        return any(
+            not response.silenced and (response.active or response.pending_marks)
+            for response in self._responses.values()
+        )
+
+    def inbound_disposition(self, passes_gate: bool) -> InboundDisposition:
+        """While the bot is audible the model hears only what the echo gate accepts as the caller."""
+        if self.first_utterance_protected:
+            return _GREETING_LOCK_DISPOSITIONS[self.settings.greeting_lock_mode]
+        if self.bot_audible and not passes_gate:
+            return InboundDisposition.SILENCE
+        return InboundDisposition.AUDIO
+
+    def handle(self, event: TurnEvent, now: float) -> list[TurnAction]:
+        actions = self._dispatch(event, now)
+        actions.extend(self._check_protection_deadline(now))
+        return actions
+
+    def _dispatch(self, event: TurnEvent, now: float) -> list[TurnAction]:
+        match event:
+            case CallStarted():
+                return [SendToModel(protocol.session_update(self.settings)), *self._request_first_response(now)]
+            case ResponseCreated(response_id):
+                return self._on_response_created(response_id)
+            case AudioDelta(response_id, item_id, audio):
+                return self._on_audio_delta(response_id, item_id, audio)
+            case AudioDone(response_id):
+                return self._on_audio_done(response_id, now)
+            case TranscriptDone(response_id, item_id, transcript):
+                return self._on_transcript(response_id, item_id, transcript)
+            case ResponseDone(response_id, status):
+                return self._on_response_done(response_id, status, now)
+            case ModelError():
+                return self._on_model_error(event, now)
+            case MarkPlayed(name):
+                return self._on_mark_played(name)
+            case VoiceOnset(voiced_ms):
+                return self._on_voice_onset(voiced_ms)
+            case DtmfPressed(digit):
+                return [
+                    Log("DTMF", "caller pressed a key", {"digit": digit}),
+                    RecordEvent("dtmf", {"digit": digit}),
+                    SendToModel(protocol.user_text_item(f"The caller pressed the phone key {digit}.")),
+                ]
+            case CallEnding(reason):
+                return self._on_call_ending(reason)
+            case Tick():
+                return []
+        raise TypeError(f"unknown turn event {event!r}")
+
+    # First utterance.
+    def _request_first_response(self, now: float) -> list[TurnAction]:
+        self._first_response_attempts += 1
+        self._awaiting_first_response = True
+        self._protection_deadline = now + FIRST_RESPONSE_TIMEOUT_S
+        create = protocol.response_create()
+        create["event_id"] = f"{FIRST_RESPONSE_EVENT_PREFIX}{self._first_response_attempts}"
+        return [SendToModel(create)]
+
+    def _on_response_created(self, response_id: str) -> list[TurnAction]:
+        self._responses.setdefault(response_id, ResponseState(response_id))
+        if not (self.first_utterance_protected and self._awaiting_first_response):
+            return []
+        self._awaiting_first_response = False
+        self._protection_deadline = None
+        self.first_response_id = response_id
+        return [Log("FIRST_UTTERANCE", "NO barge-in until first response completes", {"resp": response_id})]
+
+    def _retry_or_release_first(self, reason: str, now: float) -> list[TurnAction]:
+        if self._first_response_attempts <= self.settings.first_response_max_retries:
+            log = Log("FIRST_UTTERANCE", "first response failed, sending it again", {
+                "reason": reason, "attempt": self._first_response_attempts + 1}, level="warning")
+            return [log, *self._request_first_response(now)]
+        return self._release_protection(f"first response failed {self._first_response_attempts} times: {reason}")
+
+    def _release_protection(self, why: str) -> list[TurnAction]:
+        self.first_utterance_protected = False
+        self._protection_deadline = None
+        self._awaiting_first_response = False
+        return [
+            Log("FIRST_UTTERANCE", "Barge-in now ENABLED for rest of call", {"resp": self.first_response_id, "why": why}),
+            RecordEvent("first_utterance_end", {"response_id": self.first_response_id, "why": why}),
+        ]
+
+    def _check_first_played(self) -> list[TurnAction]:
+        first = self._responses.get(self.first_response_id or "")
+        if not self.first_utterance_protected or first is None or not first.audio_done or first.pending_marks:
+            return []
+        if first.generated_ms == 0:
+            return self._release_protection("first response produced no audio")
+        return self._release_protection("first response fully played")
+
+    def _check_protection_deadline(self, now: float) -> list[TurnAction]:
+        if not self.first_utterance_protected or self._protection_deadline is None:
+            return []
+        if now < self._protection_deadline:
+            return []
+        if self._awaiting_first_response:
+            return self._retry_or_release_first("no response.created in time", now)
+        return self._release_protection("final mark not back within buffered audio plus safety margin")
+
+    # Model audio and responses.
+    def _on_audio_delta(self, response_id: str, item_id: str, audio: bytes) -> list[TurnAction]:
+        response = self._responses.get(response_id)
+        if response is None or response.silenced:
+            return []
+        item = response.items.setdefault(item_id, ItemAudio(item_id))
+        actions: list[TurnAction] = []
+        for start in range(0, len(audio), self._chunk_bytes):
+            chunk = audio[start:start + self._chunk_bytes]
+            item.generated_ms += len(chunk) // MULAW_BYTES_PER_MS
+            self._mark_count += 1
+            name = f"{response_id}:{self._mark_count}"
+            self._marks[name] = MarkPosition(response_id, item_id, item.generated_ms)
+            response.pending_marks.add(name)
+            actions.append(PlayAudio(response_id, chunk, name))
+        return actions
+
+    def _on_audio_done(self, response_id: str, now: float) -> list[TurnAction]:
+        response = self._responses.get(response_id)
+        if response is None:
+            return []
+        response.audio_done = True
+        if response_id == self.first_response_id and self.first_utterance_protected:
+            margin_ms = self.settings.first_utterance_safety_margin_ms
+            self._protection_deadline = now + (response.unplayed_ms + margin_ms) / 1000
+        return self._check_first_played()
+
+    def _on_transcript(self, response_id: str, item_id: str, transcript: str) -> list[TurnAction]:
+        response = self._responses.get(response_id)
+        if response is None:
+            return []
+        item = response.items.setdefault(item_id, ItemAudio(item_id))
+        item.transcript = transcript
+        return self._record_heard_items(response)
+
+    def _on_response_done(self, response_id: str, status: str, now: float) -> list[TurnAction]:
+        response = self._responses.get(response_id)
+        if response is None:
+            return [Log("MODEL", "response.done for an unknown response", {"resp": response_id}, "warning")]
+        response.active = False
+        if response_id == self.first_response_id and self.first_utterance_protected and status == "failed":
+            return self._retry_or_release_first(f"status={status}", now)
+        actions: list[TurnAction] = []
+        if not response.audio_done:
+            actions.extend(self._on_audio_done(response_id, now))
+        actions.extend(self._record_heard_items(response))
+        return actions
+
+    def _on_model_error(self, error: ModelError, now: float) -> list[TurnAction]:
+        benign = error.code == "response_cancel_not_active" and any(r.cancel_sent for r in self._responses.values())
+        actions: list[TurnAction] = [Log("MODEL_ERROR", error.message, {"code": error.code, "event_id": error.event_id},
+                                         "info" if benign else "error")]
+        if not benign:
+            actions.append(RecordEvent("error", {"code": error.code, "message": error.message}))
+        awaiting_this = error.event_id == f"{FIRST_RESPONSE_EVENT_PREFIX}{self._first_response_attempts}"
+        if awaiting_this and self._awaiting_first_response and self.first_utterance_protected:
+            actions.extend(self._retry_or_release_first(f"error {error.code}", now))
+        return actions
+
+    # Playback progress.
+    def _on_mark_played(self, name: str) -> list[TurnAction]:
+        position = self._marks.pop(name, None)
+        if position is None:
+            return []
+        response = self._responses[position.response_id]
+        response.pending_marks.discard(name)
+        item = response.items[position.item_id]
+        item.played_ms = max(item.played_ms, position.item_end_ms)
+        return [*self._check_first_played(), *self._record_heard_items(response)]
+
+    def _record_heard_items(self, response: ResponseState) -> list[TurnAction]:
+        """An item goes to the transcript once it is fully heard, with its text known."""
+        if response.active or response.pending_marks:
+            return []
+        return [self._record_item(item, truncated=False) for item in response.items.values()
+                if item.transcript and not item.recorded]
+
+    def _record_item(self, item: ItemAudio, *, truncated: bool) -> RecordTranscript:
+        item.recorded = True
+        return RecordTranscript("assistant", item.transcript, truncated, item.played_ms)
+
+    # Barge-in: the one condition and the one place that cancels.
+    def _on_voice_onset(self, voiced_ms: int) -> list[TurnAction]:
+        if not self.bot_audible:
+            return []
+        if self.first_utterance_protected:
+            return [Log("FIRST_UTTERANCE", "caller speech ignored while the first utterance plays",
+                        {"resp": self.first_response_id})]
+        if not (self.settings.enable_barge_in and self.barge_in_enabled):
+            return []
+        return self._barge_in(voiced_ms)
+
+    def _barge_in(self, talk_over_ms: int) -> list[TurnAction]:
+        audible = [r for r in self._responses.values() if not r.silenced and (r.active or r.pending_marks)]
+        actions: list[TurnAction] = [StopPlayback(r.response_id) for r in audible]
+        actions.append(ClearCarrier())
+        for response in audible:
+            response.silenced = True
+            for name in response.pending_marks:
+                self._marks.pop(name, None)  # their echoes after clear mean flushed, not played
+            response.pending_marks.clear()
+            if response.active and not response.cancel_sent:
+                response.cancel_sent = True
+                actions.append(SendToModel(protocol.response_cancel(response.response_id)))
+            actions.extend(self._forget_unheard(response))
+        heard = {item.item_id: item.played_ms for r in audible for item in r.items.values()}
+        actions.append(Log("BARGE_IN", "caller talked over the bot, bot silenced", {
+            "resp": ",".join(r.response_id for r in audible), "talk_over_ms": talk_over_ms,
+            "heard_ms": sum(heard.values())}))
+        actions.append(RecordEvent("barge_in", {"talk_over_ms": talk_over_ms, "heard_ms": heard}))
+        return actions
+
+    def _forget_unheard(self, response: ResponseState) -> list[TurnAction]:
+        """Truncate the model's memory to what the caller heard; delete what nobody heard."""
+        actions: list[TurnAction] = []
+        for item in response.items.values():
+            if item.played_ms >= item.generated_ms:
+                continue
+            if item.played_ms > 0:
+                actions.append(SendToModel(protocol.item_truncate(item.item_id, min(item.played_ms, item.generated_ms))))
+                if item.transcript:
+                    actions.append(self._record_item(item, truncated=True))
+            else:
+                actions.append(SendToModel(protocol.item_delete(item.item_id)))
+                item.recorded = True
+        return actions
+
+    def _on_call_ending(self, reason: str) -> list[TurnAction]:
+        actions: list[TurnAction] = [Log("CALL", "call ending", {"reason": reason})]
+        for response in self._responses.values():
+            for item in response.items.values():
+                if item.transcript and not item.recorded:
+                    actions.append(self._record_item(item, truncated=item.played_ms < item.generated_ms))
+        return actions

@@ -1,0 +1,294 @@
+"""The turn-taking rules, tested the h11 way: lists of events in, actions out, no sockets, no clock."""
+
+from __future__ import annotations
+
+import pytest
+from openai.types.realtime import RealtimeClientEvent
+from pydantic import TypeAdapter
+
+from app.settings import Settings
+from app.turn_events import (
+    AudioDelta, AudioDone, CallEnding, CallStarted, ClearCarrier, DtmfPressed, Log, MarkPlayed, ModelError,
+    PlayAudio, RecordEvent, RecordTranscript, ResponseCreated, ResponseDone, SendToModel, StopPlayback, Tick,
+    TranscriptDone, VoiceOnset,
+)
+from app.turns import InboundDisposition, Turns
+
+CLIENT_EVENTS = TypeAdapter(RealtimeClientEvent)
+ONE_SECOND_OF_AUDIO = b"\x7f" * 8000
+
+
+def model_events(actions, event_type=None):
+    sent = [action.event for action in actions if isinstance(action, SendToModel)]
+    return [event for event in sent if event_type is None or event["type"] == event_type]
+
+
+def marks(actions):
+    return [action.mark for action in actions if isinstance(action, PlayAudio)]
+
+
+def play_all(turns, names, now):
+    actions = []
+    for name in names:
+        actions += turns.handle(MarkPlayed(name), now)
+    return actions
+
+
+def greeted_call(settings=None):
+    """A call whose greeting (resp_1, 1 s) was generated and fully heard; protection is over."""
+    turns = Turns(settings or Settings())
+    turns.handle(CallStarted(), 0.0)
+    turns.handle(ResponseCreated("resp_1"), 0.1)
+    greeting_marks = marks(turns.handle(AudioDelta("resp_1", "item_1", ONE_SECOND_OF_AUDIO), 0.2))
+    turns.handle(AudioDone("resp_1"), 0.3)
+    turns.handle(ResponseDone("resp_1", "completed"), 0.3)
+    play_all(turns, greeting_marks, 1.3)
+    assert turns.first_utterance_protected is False
+    return turns
+
+
+def answering_call(settings=None):
+    """After the greeting, a 3 s answer (resp_2) is generating; returns the turns and its marks."""
+    turns = greeted_call(settings)
+    turns.handle(ResponseCreated("resp_2"), 5.0)
+    answer_marks = marks(turns.handle(AudioDelta("resp_2", "item_2", ONE_SECOND_OF_AUDIO * 3), 5.1))
+    return turns, answer_marks
+
+
+def test_the_bot_speaks_first():
+    actions = Turns(Settings()).handle(CallStarted(), 0.0)
+    assert [event["type"] for event in model_events(actions)] == ["session.update", "response.create"]
+
+
+def test_caller_talking_during_greeting_changes_nothing():
+    turns = Turns(Settings())
+    turns.handle(CallStarted(), 0.0)
+    created = turns.handle(ResponseCreated("resp_1"), 0.1)
+    assert any(isinstance(a, Log) and "NO barge-in until first response completes" in a.message for a in created)
+    assert turns.first_response_id == "resp_1"
+    turns.handle(AudioDelta("resp_1", "item_1", ONE_SECOND_OF_AUDIO * 3), 0.2)
+    actions = turns.handle(VoiceOnset(120), 1.0)
+    assert not [a for a in actions if isinstance(a, (StopPlayback, ClearCarrier, SendToModel))]
+    assert turns.first_utterance_protected is True
+
+
+def test_protection_ends_when_the_final_mark_comes_back_not_when_generation_ends():
+    turns = Turns(Settings())
+    turns.handle(CallStarted(), 0.0)
+    turns.handle(ResponseCreated("resp_1"), 0.1)
+    greeting_marks = marks(turns.handle(AudioDelta("resp_1", "item_1", ONE_SECOND_OF_AUDIO * 2), 0.2))
+    turns.handle(AudioDone("resp_1"), 0.3)
+    turns.handle(ResponseDone("resp_1", "completed"), 0.3)
+    assert turns.first_utterance_protected is True
+    play_all(turns, greeting_marks[:-1], 2.0)
+    assert turns.first_utterance_protected is True
+    released = turns.handle(MarkPlayed(greeting_marks[-1]), 2.3)
+    assert turns.first_utterance_protected is False
+    assert any(isinstance(a, Log) and a.message == "Barge-in now ENABLED for rest of call" for a in released)
+    assert any(isinstance(a, RecordEvent) and a.kind == "first_utterance_end" for a in released)
+
+
+def test_barge_in_during_the_answer_stops_playback_clears_cancels_and_truncates_in_that_order():
+    turns, answer_marks = answering_call()
+    play_all(turns, answer_marks[:12], 6.4)  # 1.2 s of the answer heard
+    actions = turns.handle(VoiceOnset(120), 6.5)
+    kinds = [type(a).__name__ if not isinstance(a, SendToModel) else a.event["type"] for a in actions
+             if not isinstance(a, (Log, RecordEvent, RecordTranscript))]
+    assert kinds == ["StopPlayback", "ClearCarrier", "response.cancel", "conversation.item.truncate"]
+    assert model_events(actions, "response.cancel")[0]["response_id"] == "resp_2"
+    truncate = model_events(actions, "conversation.item.truncate")[0]
+    assert (truncate["item_id"], truncate["audio_end_ms"]) == ("item_2", 1200)
+    barge_log = next(a for a in actions if isinstance(a, Log) and a.tag == "BARGE_IN")
+    assert barge_log.fields["talk_over_ms"] == 120
+    assert turns.bot_audible is False
+
+
+def test_nothing_heard_deletes_the_item_instead_of_truncating_at_zero():
+    turns, _ = answering_call()
+    actions = turns.handle(VoiceOnset(120), 5.2)
+    assert model_events(actions, "conversation.item.truncate") == []
+    assert model_events(actions, "conversation.item.delete") == [
+        {"type": "conversation.item.delete", "item_id": "item_2"}]
+
+
+def test_two_onsets_give_one_cancel():
+    turns, answer_marks = answering_call()
+    play_all(turns, answer_marks[:3], 5.5)
+    first = turns.handle(VoiceOnset(120), 5.6)
+    second = turns.handle(VoiceOnset(120), 6.0)
+    assert len(model_events(first + second, "response.cancel")) == 1
+    assert second == []
+
+
+def test_response_done_racing_our_cancel_gives_no_second_cancel_and_no_error():
+    turns, answer_marks = answering_call()
+    play_all(turns, answer_marks[:3], 5.5)
+    barge = turns.handle(VoiceOnset(120), 5.6)
+    assert len(model_events(barge, "response.cancel")) == 1
+    done = turns.handle(ResponseDone("resp_2", "cancelled"), 5.61)
+    raced = turns.handle(ModelError("response_cancel_not_active", "no active response", ""), 5.62)
+    assert model_events(done + raced) == []
+    assert [a.level for a in raced if isinstance(a, Log)] == ["info"]
+    assert not [a for a in raced if isinstance(a, RecordEvent)]
+
+
+def test_no_cancel_when_the_model_already_finished_the_response():
+    turns, answer_marks = answering_call()
+    turns.handle(AudioDone("resp_2"), 5.2)
+    turns.handle(ResponseDone("resp_2", "completed"), 5.2)
+    play_all(turns, answer_marks[:5], 5.8)
+    actions = turns.handle(VoiceOnset(120), 5.9)
+    assert model_events(actions, "response.cancel") == []
+    assert [a for a in actions if isinstance(a, ClearCarrier)]
+
+
+def test_barge_in_works_when_generation_finished_but_audio_is_still_playing():
+    turns, answer_marks = answering_call()
+    turns.handle(AudioDone("resp_2"), 5.2)
+    turns.handle(ResponseDone("resp_2", "completed"), 5.2)
+    assert turns.bot_audible is True
+    play_all(turns, answer_marks[:10], 6.2)
+    actions = turns.handle(VoiceOnset(120), 6.3)
+    assert [a for a in actions if isinstance(a, StopPlayback)] == [StopPlayback("resp_2")]
+    assert model_events(actions, "conversation.item.truncate")[0]["audio_end_ms"] == 1000
+
+
+def test_late_deltas_after_a_cancel_are_dropped():
+    turns, _ = answering_call()
+    turns.handle(VoiceOnset(120), 5.2)
+    assert turns.handle(AudioDelta("resp_2", "item_2", ONE_SECOND_OF_AUDIO), 5.3) == []
+
+
+def test_marks_echoed_after_clear_mean_flushed_not_played():
+    turns, answer_marks = answering_call()
+    play_all(turns, answer_marks[:4], 5.5)
+    turns.handle(VoiceOnset(120), 5.6)
+    play_all(turns, answer_marks[4:], 5.61)  # Twilio returns the pending marks at once on clear
+    actions = turns.handle(TranscriptDone("resp_2", "item_2", "a long answer"), 5.7)
+    actions += turns.handle(CallEnding("carrier_stop"), 6.0)
+    transcripts = [a for a in actions if isinstance(a, RecordTranscript)]
+    assert transcripts == [RecordTranscript("assistant", "a long answer", True, 400)]
+
+
+def test_an_item_heard_to_its_end_is_neither_truncated_nor_deleted():
+    turns = greeted_call()
+    turns.handle(ResponseCreated("resp_2"), 5.0)
+    heard_marks = marks(turns.handle(AudioDelta("resp_2", "item_2", b"\xff" * 1000), 5.1))  # 125 ms
+    play_all(turns, heard_marks, 5.3)
+    turns.handle(ResponseCreated("resp_2"), 5.3)  # a duplicate must not reset what was heard
+    actions = turns.handle(VoiceOnset(120), 5.35)
+    assert model_events(actions, "conversation.item.truncate") == []
+    assert model_events(actions, "conversation.item.delete") == []
+    assert model_events(actions, "response.cancel") == [{"type": "response.cancel", "response_id": "resp_2"}]
+
+
+def test_a_resend_of_the_first_response_moves_the_protection():
+    turns = Turns(Settings())
+    turns.handle(CallStarted(), 0.0)
+    turns.handle(ResponseCreated("resp_1"), 0.1)
+    retry = turns.handle(ResponseDone("resp_1", "failed"), 0.5)
+    assert [event["type"] for event in model_events(retry)] == ["response.create"]
+    assert turns.first_utterance_protected is True
+    turns.handle(ResponseCreated("resp_2"), 0.6)
+    assert turns.first_response_id == "resp_2"
+    resent_marks = marks(turns.handle(AudioDelta("resp_2", "item_2", ONE_SECOND_OF_AUDIO), 0.7))
+    turns.handle(AudioDone("resp_2"), 0.8)
+    assert turns.handle(VoiceOnset(120), 1.0)[0].tag == "FIRST_UTTERANCE"
+    play_all(turns, resent_marks, 1.8)
+    assert turns.first_utterance_protected is False
+
+
+def test_an_error_for_the_first_response_request_sends_it_again():
+    turns = Turns(Settings())
+    request = model_events(turns.handle(CallStarted(), 0.0), "response.create")[0]
+    retry = turns.handle(ModelError("server_error", "try again", request["event_id"]), 0.2)
+    assert len(model_events(retry, "response.create")) == 1
+
+
+def test_an_error_event_does_not_clear_a_newer_responses_id():
+    turns, answer_marks = answering_call()
+    turns.handle(ModelError("conversation_already_has_active_response", "busy", "evt_other"), 5.2)
+    play_all(turns, answer_marks[:2], 5.4)
+    actions = turns.handle(VoiceOnset(120), 5.5)
+    assert model_events(actions, "response.cancel") == [{"type": "response.cancel", "response_id": "resp_2"}]
+
+
+def test_a_silent_greeting_releases_the_protection():
+    turns = Turns(Settings())
+    turns.handle(CallStarted(), 0.0)
+    turns.handle(ResponseCreated("resp_1"), 0.1)
+    actions = turns.handle(ResponseDone("resp_1", "completed"), 0.4)
+    assert turns.first_utterance_protected is False
+    assert any(isinstance(a, Log) and a.fields.get("why") == "first response produced no audio" for a in actions)
+
+
+def test_safety_net_ends_protection_when_the_final_mark_never_comes_back():
+    turns = Turns(Settings())
+    turns.handle(CallStarted(), 0.0)
+    turns.handle(ResponseCreated("resp_1"), 0.1)
+    turns.handle(AudioDelta("resp_1", "item_1", ONE_SECOND_OF_AUDIO * 2), 0.2)
+    turns.handle(AudioDone("resp_1"), 0.5)
+    turns.handle(Tick(), 4.4)  # 2 s buffered + 2 s margin is not over yet
+    assert turns.first_utterance_protected is True
+    actions = turns.handle(Tick(), 4.5)
+    assert turns.first_utterance_protected is False
+    assert "final mark not back" in next(a for a in actions if isinstance(a, Log)).fields["why"]
+
+
+def test_a_model_that_never_answers_does_not_lock_the_call():
+    turns = Turns(Settings(first_response_max_retries=0))
+    turns.handle(CallStarted(), 0.0)
+    turns.handle(Tick(), 9.9)
+    assert turns.first_utterance_protected is True
+    turns.handle(Tick(), 10.0)
+    assert turns.first_utterance_protected is False
+
+
+@pytest.mark.parametrize("mode, expected", [
+    ("silence", InboundDisposition.SILENCE), ("drop", InboundDisposition.DROP), ("pass", InboundDisposition.AUDIO)])
+def test_greeting_lock_modes(mode, expected):
+    turns = Turns(Settings(greeting_lock_mode=mode))
+    turns.handle(CallStarted(), 0.0)
+    assert turns.inbound_disposition(passes_gate=True) is expected
+
+
+def test_while_the_bot_is_audible_the_model_hears_only_what_the_echo_gate_accepts():
+    turns, _ = answering_call()
+    assert turns.inbound_disposition(passes_gate=False) is InboundDisposition.SILENCE
+    assert turns.inbound_disposition(passes_gate=True) is InboundDisposition.AUDIO
+    quiet = greeted_call()
+    assert quiet.inbound_disposition(passes_gate=False) is InboundDisposition.AUDIO
+
+
+@pytest.mark.parametrize("settings, per_call", [(Settings(enable_barge_in=False), True), (Settings(), False)])
+def test_barge_in_switched_off_never_cancels(settings, per_call):
+    turns = Turns(settings, barge_in_enabled=per_call)
+    turns.handle(CallStarted(), 0.0)
+    turns.handle(ResponseCreated("resp_1"), 0.1)
+    turns.handle(ResponseDone("resp_1", "completed"), 0.2)
+    turns.handle(ResponseCreated("resp_2"), 1.0)
+    turns.handle(AudioDelta("resp_2", "item_2", ONE_SECOND_OF_AUDIO), 1.1)
+    assert turns.handle(VoiceOnset(120), 1.2) == []
+
+
+def test_dtmf_is_logged_and_sent_as_a_user_text_item():
+    turns = greeted_call()
+    actions = turns.handle(DtmfPressed("5"), 3.0)
+    item = model_events(actions, "conversation.item.create")[0]["item"]
+    assert item["role"] == "user" and "5" in item["content"][0]["text"]
+    assert any(isinstance(a, Log) and a.tag == "DTMF" for a in actions)
+
+
+def test_every_event_sent_validates_against_the_openai_types():
+    turns, answer_marks = answering_call()
+    actions = turns.handle(DtmfPressed("1"), 5.15)
+    play_all(turns, answer_marks[:2], 5.3)
+    actions += turns.handle(VoiceOnset(120), 5.4)
+    fresh = Turns(Settings())
+    actions += fresh.handle(CallStarted(), 0.0)
+    sent = model_events(actions)
+    assert {event["type"] for event in sent} >= {
+        "session.update", "response.create", "response.cancel", "conversation.item.truncate",
+        "conversation.item.create"}
+    for event in sent:
+        CLIENT_EVENTS.validate_python(event)
