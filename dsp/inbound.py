@@ -1,0 +1,59 @@
+"""The whole inbound DSP path for one carrier frame: decode, level, VAD, echo gate, onset."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from dsp.echo import block_energies, make_echo_gate
+from dsp.g711 import ulaw_decode
+from dsp.vad import FrameVad, VoiceOnset
+
+INBOUND_FRAME_BYTES = 160
+"""One 20 ms frame of 8 kHz mu-law, as the carrier sends it."""
+
+_SILENT_FAR = np.zeros(INBOUND_FRAME_BYTES, dtype=np.int16)
+_SILENT_FAR.flags.writeable = False
+
+
+@dataclass(frozen=True, slots=True)
+class FrameAnalysis:
+    """What the inbound path learned from one frame."""
+
+    pcm: np.ndarray
+    rms: float
+    voiced: bool
+    passes_gate: bool
+    onset: bool
+
+
+class InboundFrameAnalyzer:
+    """Per-call inbound analysis; `onset` fires on `voice_frames` consecutive voiced frames that pass the gate."""
+
+    def __init__(
+        self, gate_mode: str, min_rms: float, vad_aggressiveness: int, voice_frames: int, debounce_ms: float
+    ) -> None:
+        self.gate = make_echo_gate(gate_mode, min_rms)
+        self.vad = FrameVad(vad_aggressiveness, sample_rate_hz=8000)
+        self.voice_onset = VoiceOnset(voice_frames=voice_frames, debounce_ms=debounce_ms)
+
+    def analyze(self, payload: bytes, far: np.ndarray | None, bot_audible: bool, now_ms: float) -> FrameAnalysis:
+        """Analyse one 160-byte mu-law frame; `far` is the 20 ms played to the caller meanwhile (None: nothing)."""
+        if len(payload) != INBOUND_FRAME_BYTES:
+            raise ValueError(
+                f"an inbound frame must be {INBOUND_FRAME_BYTES} bytes of 8 kHz mu-law (20 ms), got {len(payload)} bytes"
+            )
+        pcm = ulaw_decode(np.frombuffer(payload, dtype=np.uint8))
+        if far is not None and len(far) != INBOUND_FRAME_BYTES:
+            raise ValueError(f"the far-end frame must be {INBOUND_FRAME_BYTES} int16 samples (20 ms), got {len(far)}")
+        # The gate decides on the block energies this path needs for the RMS anyway.
+        near_energies = block_energies(pcm)
+        far_energies = block_energies(_SILENT_FAR if far is None else far)
+        passes_gate = self.gate.accepts_energies(near_energies, far_energies, bot_audible)
+        voiced = self.vad.is_voiced(pcm)
+        onset = self.voice_onset.update(voiced and passes_gate, now_ms)
+        return FrameAnalysis(
+            pcm=pcm, rms=math.sqrt(float(near_energies.mean())), voiced=voiced, passes_gate=passes_gate, onset=onset
+        )
