@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit, urlunsplit
+
 import peewee
 from playhouse.db_url import connect
 
@@ -25,10 +27,19 @@ def open_database(url: str) -> peewee.Database:
     elif scheme.startswith("postgres"):
         database = connect(url)
     else:
-        raise ValueError(f"DATABASE_URL must start with sqlite:/// or postgresql://, got {url!r}")
+        raise ValueError(f"DATABASE_URL must start with sqlite:/// or postgresql://, got {redacted(url)!r}")
     database_proxy.initialize(database)
     return database
 
 
 def is_sqlite(database: peewee.Database) -> bool:
     return isinstance(database, peewee.SqliteDatabase)
+
+
+def redacted(database_url: str) -> str:
+    """The URL with its password replaced, fit for a message or a log line."""
+    parts = urlsplit(database_url)
+    if not parts.password:
+        return database_url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))

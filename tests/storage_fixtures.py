@@ -1,0 +1,142 @@
+"""Databases for the storage tests: a file SQLite always, a fresh PostgreSQL database when
+CALLGATE_TEST_PG_URL is set (created per test, dropped afterwards)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import sys
+import uuid
+from pathlib import Path
+
+import psycopg2
+import pytest
+
+from storage.db import is_sqlite, open_database
+
+PG_URL_VARIABLE = "CALLGATE_TEST_PG_URL"
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "storage" / "migrations"
+_package_numbers = itertools.count()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path):
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'callgate.db'}"
+        return
+    server_url = os.environ.get(PG_URL_VARIABLE)
+    if not server_url:
+        pytest.skip(f"{PG_URL_VARIABLE} is not set")
+    name = f"callgate_test_{uuid.uuid4().hex[:12]}"
+    _run_on_server(server_url, f'CREATE DATABASE "{name}"')
+    try:
+        yield server_url.rsplit("/", 1)[0] + "/" + name
+    finally:
+        _run_on_server(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def database(database_url):
+    database = open_database(database_url)
+    yield database
+    database.close()
+
+
+@pytest.fixture
+def migrations_package(tmp_path, monkeypatch):
+    """Build an importable copy of the real migrations, edited or extended, and load it.
+
+    Call it with `extra={"0006_name.py": source}` to add modules and `edit={"0002_...py": text}`
+    to append text to a copied one; it returns the package name, for load_migrations().
+    """
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def build(*, extra: dict[str, str] | None = None, edit: dict[str, str] | None = None) -> str:
+        package = f"test_migrations_{os.getpid()}_{next(_package_numbers)}"
+        target = tmp_path / package
+        shutil.copytree(MIGRATIONS_DIR, target, ignore=shutil.ignore_patterns("__pycache__"))
+        for file_name, source in (extra or {}).items():
+            (target / file_name).write_text(source)
+        for file_name, appended in (edit or {}).items():
+            with open(target / file_name, "a") as module:
+                module.write(appended)
+        return package
+
+    yield build
+    for name in [name for name in sys.modules if name.startswith("test_migrations_")]:
+        del sys.modules[name]
+
+
+def _run_on_server(server_url: str, statement: str) -> None:
+    connection = psycopg2.connect(server_url)
+    connection.autocommit = True
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(statement)
+    finally:
+        connection.close()
+
+
+def snapshot(database) -> dict:
+    """Every table's columns, indexes, foreign keys and rows: equal snapshots mean an unchanged database."""
+    return {table: _table_snapshot(database, table) for table in database.get_tables()}
+
+
+def _table_snapshot(database, table: str) -> dict:
+    return {
+        "columns": sorted((column.name, column.data_type, column.null) for column in database.get_columns(table)),
+        "indexes": sorted((index.name, tuple(index.columns), index.unique) for index in database.get_indexes(table)),
+        "foreign_keys": sorted((key.column, key.dest_table, key.dest_column) for key in database.get_foreign_keys(table)),
+        "rows": sorted(map(repr, database.execute_sql(f'SELECT * FROM "{table}"').fetchall())),
+    }
+
+
+# The tables as the system we replace made them: "Migration 44", without stopped_by/stopped_at.
+LEGACY_BUSINESSES = """CREATE TABLE businesses (id {id}, name VARCHAR(255) NOT NULL,
+    created_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP)"""
+LEGACY_BROADCASTS = """CREATE TABLE whatsapp_broadcasts (id {id},
+    business_id INTEGER NOT NULL REFERENCES businesses(id), name VARCHAR(255) NOT NULL,
+    provider VARCHAR(50) DEFAULT 'meta', message_type VARCHAR(20) DEFAULT 'template',
+    template_id VARCHAR(100), template_name VARCHAR(255), message_text TEXT, audience_filter TEXT,
+    status VARCHAR(20) DEFAULT 'pending', total_recipients INTEGER DEFAULT 0, sent_count INTEGER DEFAULT 0,
+    failed_count INTEGER DEFAULT 0, created_by VARCHAR(100), created_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP,
+    started_at TIMESTAMP, completed_at TIMESTAMP{extra_columns})"""
+LEGACY_RECIPIENTS = """CREATE TABLE whatsapp_broadcast_recipients (id {id},
+    broadcast_id INTEGER NOT NULL REFERENCES whatsapp_broadcasts(id) ON DELETE CASCADE,
+    business_id INTEGER NOT NULL REFERENCES businesses(id), phone VARCHAR(20) NOT NULL, lead_id VARCHAR(64),
+    status VARCHAR(20) DEFAULT 'queued', error_message TEXT, message_id VARCHAR(200), attempts INTEGER DEFAULT 0,
+    next_attempt_at TIMESTAMP, created_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP, sent_at TIMESTAMP,
+    delivered_at TIMESTAMP, read_at TIMESTAMP, UNIQUE (broadcast_id, phone))"""
+LEGACY_ROWS = [
+    "INSERT INTO businesses (id, name) VALUES (7, 'מספרת דנה')",
+    "INSERT INTO whatsapp_broadcasts (id, business_id, name, template_name, audience_filter, status, total_recipients, "
+    "sent_count) VALUES (3, 7, 'מבצע אביב', 'spring_sale', '{\"tag\": \"vip\"}', 'completed', 2, 2)",
+]
+LEGACY_RECIPIENT_ROWS = [
+    "INSERT INTO whatsapp_broadcast_recipients (broadcast_id, business_id, phone, status, message_id) "
+    "VALUES (3, 7, '+972501234567', 'delivered', 'wamid.A')",
+    "INSERT INTO whatsapp_broadcast_recipients (broadcast_id, business_id, phone, status, message_id) "
+    "VALUES (3, 7, '+972521234567', 'read', 'wamid.B')",
+]
+
+
+def create_legacy_tables(database, *, with_recipients: bool, with_stop_columns: bool = False) -> None:
+    """Make the old system's broadcast tables, with rows, by raw SQL and record nothing."""
+    id_column = "INTEGER PRIMARY KEY" if is_sqlite(database) else "SERIAL PRIMARY KEY"
+    extra_columns = ", stopped_by VARCHAR(100), stopped_at TIMESTAMP" if with_stop_columns else ""
+    statements = [
+        LEGACY_BUSINESSES.format(id=id_column),
+        LEGACY_BROADCASTS.format(id=id_column, extra_columns=extra_columns),
+        *LEGACY_ROWS,
+    ]
+    if with_recipients:
+        statements += [LEGACY_RECIPIENTS.format(id=id_column), *LEGACY_RECIPIENT_ROWS]
+    with database.atomic():
+        for statement in statements:
+            database.execute_sql(statement)
+
+
+def table_rows(database, table: str, columns: list[str]) -> list[tuple]:
+    column_list = ", ".join(columns)
+    return database.execute_sql(f"SELECT {column_list} FROM {table} ORDER BY id").fetchall()
