@@ -1,0 +1,84 @@
+"""Shared pieces of the local model tests: the SDK's event schemas and ready-made client events."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+from openai.types.realtime import RealtimeClientEvent, RealtimeServerEvent
+from pydantic import TypeAdapter
+
+from app.clips import load_clip
+from dsp.g711 import ulaw_encode
+
+SERVER_EVENTS = TypeAdapter(RealtimeServerEvent)
+CLIENT_EVENTS = TypeAdapter(RealtimeClientEvent)
+FRAME_BYTES = 160
+SILENCE_CODE = 0xFF
+
+
+def client(event: dict) -> str:
+    """A client event as the wire carries it, after checking it against the SDK's schema."""
+    CLIENT_EVENTS.validate_python(event)
+    return json.dumps(event)
+
+
+def pcmu_session_update(*, create_response: bool = True, interrupt_response: bool = False, threshold: float = 0.82) -> str:
+    """The session.update the call path sends: mu-law both ways, server VAD."""
+    return client(
+        {
+            "type": "session.update",
+            "session": {
+                "type": "realtime",
+                "instructions": "Answer briefly.",
+                "output_modalities": ["audio"],
+                "audio": {
+                    "input": {
+                        "format": {"type": "audio/pcmu"},
+                        "turn_detection": {
+                            "type": "server_vad",
+                            "threshold": threshold,
+                            "prefix_padding_ms": 300,
+                            "silence_duration_ms": 650,
+                            "create_response": create_response,
+                            "interrupt_response": interrupt_response,
+                        },
+                    },
+                    "output": {"format": {"type": "audio/pcmu"}, "voice": "marin"},
+                },
+            },
+        }
+    )
+
+
+def clip_pcmu(name: str) -> bytes:
+    return ulaw_encode(load_clip(name)).tobytes()
+
+
+def silence_pcmu(duration_ms: int) -> bytes:
+    return bytes([SILENCE_CODE]) * (duration_ms * 8)
+
+
+def appends(pcmu: bytes) -> list[str]:
+    """`input_audio_buffer.append` messages of 20 ms each, as a carrier delivers them."""
+    return [
+        client({"type": "input_audio_buffer.append", "audio": base64.b64encode(pcmu[start : start + FRAME_BYTES]).decode()})
+        for start in range(0, len(pcmu), FRAME_BYTES)
+    ]
+
+
+def validate_all(events: list[dict]) -> None:
+    for event in events:
+        SERVER_EVENTS.validate_python(event)
+
+
+def of_type(events: list[dict], event_type: str) -> list[dict]:
+    return [event for event in events if event["type"] == event_type]
+
+
+def audio_bytes(events: list[dict], response_id: str) -> bytes:
+    return b"".join(
+        base64.b64decode(event["delta"])
+        for event in events
+        if event["type"] == "response.output_audio.delta" and event["response_id"] == response_id
+    )
