@@ -82,3 +82,17 @@ def audio_bytes(events: list[dict], response_id: str) -> bytes:
         for event in events
         if event["type"] == "response.output_audio.delta" and event["response_id"] == response_id
     )
+
+
+async def receive_until(websocket, last_type: str, seen: list[dict]) -> list[dict]:
+    """Read events, each checked against the SDK's schema, up to and including one of `last_type`.
+
+    Every event read is also appended to `seen`, the whole conversation's record.
+    """
+    received = []
+    while not received or received[-1]["type"] != last_type:
+        event = json.loads(await websocket.get_message())
+        SERVER_EVENTS.validate_python(event)
+        received.append(event)
+        seen.append(event)
+    return received
