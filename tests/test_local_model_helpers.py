@@ -23,7 +23,9 @@ def client(event: dict) -> str:
     return json.dumps(event)
 
 
-def pcmu_session_update(*, create_response: bool = True, interrupt_response: bool = False, threshold: float = 0.82) -> str:
+def pcmu_session_update(
+    *, create_response: bool = True, interrupt_response: bool = False, threshold: float = 0.82
+) -> str:
     """The session.update the call path sends: mu-law both ways, server VAD."""
     return client(
         {
@@ -61,10 +63,8 @@ def silence_pcmu(duration_ms: int) -> bytes:
 
 def appends(pcmu: bytes) -> list[str]:
     """`input_audio_buffer.append` messages of 20 ms each, as a carrier delivers them."""
-    return [
-        client({"type": "input_audio_buffer.append", "audio": base64.b64encode(pcmu[start : start + FRAME_BYTES]).decode()})
-        for start in range(0, len(pcmu), FRAME_BYTES)
-    ]
+    frames = [pcmu[start : start + FRAME_BYTES] for start in range(0, len(pcmu), FRAME_BYTES)]
+    return [client({"type": "input_audio_buffer.append", "audio": base64.b64encode(f).decode()}) for f in frames]
 
 
 def validate_all(events: list[dict]) -> None:

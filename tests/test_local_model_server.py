@@ -7,7 +7,13 @@ import json
 import pytest
 import trio
 import trio.testing
-from trio_websocket import ConnectionRejected, open_websocket_url, wrap_client_stream, wrap_server_stream
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    open_websocket_url,
+    wrap_client_stream,
+    wrap_server_stream,
+)
 
 from app.realtime.local import LocalRealtimeModel
 from tests.test_local_model_helpers import (
@@ -167,4 +173,34 @@ async def test_other_paths_are_refused_at_the_handshake():
         assert rejection.value.status_code == 404
         async with open_websocket_url(url, extra_headers=AUTHORIZATION) as websocket:
             assert json.loads(await websocket.get_message())["type"] == "session.created"
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_session_that_fails_closes_alone(monkeypatch):
+    model = LocalRealtimeModel(stream_speedup=FAST_SPEEDUP)
+    real_new_session = model.new_session
+    sessions = []
+
+    def first_session_breaks(*args):
+        session = real_new_session(*args)
+        if not sessions:
+            monkeypatch.setattr(session, "receive", lambda message: 1 / 0)
+        sessions.append(session)
+        return session
+
+    monkeypatch.setattr(model, "new_session", first_session_breaks)
+    seen: list[dict] = []
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(model.serve)
+        async with open_websocket_url(url, extra_headers=AUTHORIZATION) as broken:
+            await receive_until(broken, "session.created", seen)
+            async with open_websocket_url(url, extra_headers=AUTHORIZATION) as healthy:
+                await open_session(healthy, seen)
+                await broken.send_message(client({"type": "response.create"}))
+                with pytest.raises(ConnectionClosed) as closed:
+                    await broken.get_message()
+                assert int(closed.value.reason.code) == 1011
+                await healthy.send_message(client({"type": "response.create"}))
+                answer = await receive_until(healthy, "response.done", seen)
+                assert answer[-1]["response"]["status"] == "completed"
         nursery.cancel_scope.cancel()

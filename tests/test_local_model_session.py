@@ -5,10 +5,13 @@ from __future__ import annotations
 import base64
 import json
 
+import numpy as np
 import pytest
 
+from app.clips import load_clip
 from app.realtime.local import CLIP_TRANSCRIPTS, LocalRealtimeModel
 from app.realtime.local_session import LocalSession
+from dsp.resample import StreamingResampler
 from tests.test_local_model_helpers import (
     appends,
     audio_bytes,
@@ -48,6 +51,10 @@ def start_response(session: LocalSession) -> tuple[list[dict], str, str]:
     created = of_type(events, "response.created")[0]
     item = of_type(events, "response.output_item.added")[0]["item"]
     return events, created["response"]["id"], item["id"]
+
+
+def user_text(text: str) -> dict:
+    return {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
 
 
 def single_error(events: list[dict]) -> dict:
@@ -297,15 +304,16 @@ def test_delete_removes_an_item_once():
     [deleted] = session.receive(client({"type": "conversation.item.delete", "item_id": item_id}))
     validate_all([deleted])
     assert deleted["item_id"] == item_id
-    assert single_error(session.receive(client({"type": "conversation.item.delete", "item_id": item_id})))["param"] == "item_id"
+    error = single_error(session.receive(client({"type": "conversation.item.delete", "item_id": item_id})))
+    assert error["param"] == "item_id"
 
 
 def test_a_user_text_item_is_added_after_the_last_item():
     session = new_session()
-    first = session.receive(client({"type": "conversation.item.create", "item": {
-        "type": "message", "role": "user", "content": [{"type": "input_text", "text": "DTMF 1"}]}}))
-    second = session.receive(client({"type": "conversation.item.create", "item": {
-        "type": "message", "role": "user", "content": [{"type": "input_text", "text": "DTMF 2"}]}}))
+    first, second = (
+        session.receive(client({"type": "conversation.item.create", "item": user_text(f"DTMF {digit}")}))
+        for digit in (1, 2)
+    )
     validate_all(first + second)
     assert [event["type"] for event in second] == ["conversation.item.added", "conversation.item.done"]
     assert second[0]["previous_item_id"] == first[0]["item"]["id"]
@@ -337,7 +345,7 @@ def test_manual_commit_and_clear():
         ("{not json", "invalid_json"),
         ("[1, 2]", "missing_required_parameter"),
         ('{"type": "response.explode"}', "invalid_value"),
-        ('{"type": "conversation.item.truncate", "item_id": "item_x", "content_index": 0}', "missing_required_parameter"),
+        ('{"type": "conversation.item.truncate", "item_id": "i", "content_index": 0}', "missing_required_parameter"),
         ('{"type": "input_audio_buffer.append", "audio": "%%% not base64"}', "invalid_value"),
         ('{"type": "response.cancel", "response_id": 42}', "invalid_value"),
     ],
@@ -367,3 +375,34 @@ def test_default_pcm_output_is_the_clip_at_24_khz():
     pcm_bytes = audio_bytes(events, events[0]["response"]["id"])
     greeting_samples = len(clip_pcmu("bot_greeting_en.wav"))
     assert abs(len(pcm_bytes) // 2 - 3 * greeting_samples) <= 3 * 160
+
+
+def test_speech_in_default_pcm_input_is_detected_through_the_resampler():
+    session = MODEL.new_session()
+    session.open()
+    to_24_khz = StreamingResampler(8000, 24000)
+    pcm = to_24_khz.process(np.concatenate((load_clip("caller_question_en.wav"), np.zeros(8000, np.int16))))
+    frames = [pcm[start : start + 480] for start in range(0, len(pcm), 480)]
+    events = []
+    for frame in frames:
+        audio = base64.b64encode(frame.astype("<i2").tobytes()).decode()
+        events += session.receive(client({"type": "input_audio_buffer.append", "audio": audio}))
+    validate_all(events)
+    assert [event["type"] for event in events[:3]] == [
+        "input_audio_buffer.speech_started",
+        "input_audio_buffer.speech_stopped",
+        "input_audio_buffer.committed",
+    ]
+    assert of_type(events, "response.created")[0]["response"]["audio"]["output"]["format"]["type"] == "audio/pcm"
+
+
+def test_a_null_in_session_update_keeps_the_setting_and_bad_vad_values_are_refused():
+    session = new_session()
+    no_audio = {"type": "realtime", "instructions": "Be terse.", "audio": None}
+    [updated] = session.receive(client({"type": "session.update", "session": no_audio}))
+    assert updated["session"]["instructions"] == "Be terse."
+    assert updated["session"]["audio"]["input"]["format"] == {"type": "audio/pcmu"}
+    too_high = {"type": "realtime", "audio": {"input": {"turn_detection": {"type": "server_vad", "threshold": 1.5}}}}
+    error = single_error(session.receive(client({"type": "session.update", "session": too_high})))
+    assert error["param"] == "session.audio.input.turn_detection.threshold"
+    assert session.turn_detection["threshold"] == 0.82

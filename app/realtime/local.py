@@ -88,7 +88,11 @@ class LocalRealtimeModel:
 
     def new_session(self, model: str = DEFAULT_MODEL) -> LocalSession:
         return LocalSession(
-            greeting=self.greeting, answer=self.answer, model=model, now_s=time.time(), audio_delta_ms=self.audio_delta_ms
+            greeting=self.greeting,
+            answer=self.answer,
+            model=model,
+            now_s=time.time(),
+            audio_delta_ms=self.audio_delta_ms,
         )
 
     async def handle_request(self, request: WebSocketRequest) -> None:

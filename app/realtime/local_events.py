@@ -14,6 +14,14 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(_ID_SUFFIX_LENGTH))
 
 
+class Refusal(Exception):
+    """A client event the session refuses; it becomes one `error` event and the session carries on."""
+
+    def __init__(self, message: str, *, code: str | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message, self.code, self.param = message, code, param
+
+
 def server_event(event_type: str, **fields: object) -> dict:
     return {"type": event_type, "event_id": new_id("event"), **fields}
 

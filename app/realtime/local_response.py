@@ -126,8 +126,10 @@ class ResponseStream:
         """The next audio delta, and the transcript words it carries, if any."""
         chunk = self.audio[self.sent_bytes : self.sent_bytes + self.delta_bytes]
         self.sent_bytes += len(chunk)
-        events = [server_event("response.output_audio.delta", **self._indices(), delta=base64.b64encode(chunk).decode())]
-        transcript = self.answer.transcript_heard(self.generated_ms) if not self.audio_finished else self.answer.transcript
+        audio_delta = base64.b64encode(chunk).decode()
+        events = [server_event("response.output_audio.delta", **self._indices(), delta=audio_delta)]
+        # The last delta completes the transcript even if the clip is a little shorter than its text suggests.
+        transcript = self.answer.transcript if self.audio_finished else self.answer.transcript_heard(self.generated_ms)
         if len(transcript) > len(self.sent_transcript):
             delta = transcript[len(self.sent_transcript) :]
             self.sent_transcript = transcript
@@ -145,12 +147,11 @@ class ResponseStream:
         """
         item = self.final_item("completed" if status == "completed" else "incomplete")
         status_details = None if reason is None else {"type": status, "reason": reason}
+        part = {"type": "audio", "transcript": self.sent_transcript}
         return [
             server_event("response.output_audio.done", **self._indices()),
             server_event("response.output_audio_transcript.done", **self._indices(), transcript=self.sent_transcript),
-            server_event(
-                "response.content_part.done", **self._indices(), part={"type": "audio", "transcript": self.sent_transcript}
-            ),
+            server_event("response.content_part.done", **self._indices(), part=part),
             server_event("response.output_item.done", response_id=self.response_id, output_index=0, item=item),
             server_event("conversation.item.done", previous_item_id=previous_item_id, item=item),
             server_event("response.done", response=self.response(status, status_details, [item])),

@@ -20,7 +20,8 @@ import pydantic
 from openai.types.realtime import RealtimeClientEvent
 from pydantic import Field, TypeAdapter
 
-from app.realtime.local_events import error_event, new_id, server_event
+from app.realtime.local_config import DEFAULT_SERVER_VAD, default_session, updated_session
+from app.realtime.local_events import Refusal, error_event, new_id, server_event
 from app.realtime.local_response import BYTES_PER_MS, CLIP_RATE_HZ, PCM_RATE_HZ, CannedAnswer, ResponseStream
 from app.realtime.local_vad import EnergyVad, SpeechStarted
 from dsp.g711 import ulaw_decode
@@ -30,67 +31,7 @@ _CLIENT_EVENT_MEMBERS = typing.get_args(typing.get_args(RealtimeClientEvent)[0])
 # The SDK's union tagged on `type`: the same schema, and errors that name the member's own fields.
 CLIENT_EVENTS = TypeAdapter(Annotated[Union[_CLIENT_EVENT_MEMBERS], Field(discriminator="type")])
 
-SESSION_LIFETIME_S = 3600
 MIN_COMMIT_MS = 100
-DEFAULT_SERVER_VAD = {
-    "type": "server_vad",
-    "threshold": 0.5,
-    "prefix_padding_ms": 300,
-    "silence_duration_ms": 500,
-    "idle_timeout_ms": None,
-    "create_response": True,
-    "interrupt_response": True,
-}
-DEFAULT_INSTRUCTIONS = "You are a helpful voice assistant. Speak briefly and clearly."
-# A session.update replaces these objects whole instead of merging their fields.
-_REPLACED_WHOLE = frozenset({"format", "turn_detection"})
-
-
-class Refusal(Exception):
-    """A client event the session refuses; it becomes one `error` event and the session carries on."""
-
-    def __init__(self, message: str, *, code: str | None = None, param: str | None = None) -> None:
-        super().__init__(message)
-        self.message, self.code, self.param = message, code, param
-
-
-def default_session(session_id: str, model: str, now_s: float) -> dict:
-    """The session as OpenAI announces it in `session.created`: 24 kHz PCM both ways, server VAD on."""
-    return {
-        "type": "realtime",
-        "object": "realtime.session",
-        "id": session_id,
-        "model": model,
-        "output_modalities": ["audio"],
-        "instructions": DEFAULT_INSTRUCTIONS,
-        "tools": [],
-        "tool_choice": "auto",
-        "max_output_tokens": "inf",
-        "tracing": None,
-        "prompt": None,
-        "expires_at": int(now_s) + SESSION_LIFETIME_S,
-        "audio": {
-            "input": {
-                "format": {"type": "audio/pcm", "rate": PCM_RATE_HZ},
-                "transcription": None,
-                "noise_reduction": None,
-                "turn_detection": dict(DEFAULT_SERVER_VAD),
-            },
-            "output": {"format": {"type": "audio/pcm", "rate": PCM_RATE_HZ}, "voice": "marin", "speed": 1.0},
-        },
-        "include": None,
-    }
-
-
-def merge_session(current: dict, update: dict) -> dict:
-    """`current` with `update` merged in field by field; audio formats and turn detection are replaced whole."""
-    merged = copy.deepcopy(current)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key not in _REPLACED_WHOLE:
-            merged[key] = merge_session(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
 
 
 class LocalSession:
@@ -144,23 +85,23 @@ class LocalSession:
         try:
             message = json.loads(text)
         except ValueError as error:
-            return [error_event(f"Invalid JSON in client event: {error}. Send one JSON object per message.", code="invalid_json")]
-        client_event_id = message.get("event_id") if isinstance(message, dict) else None
-        client_event_id = client_event_id if isinstance(client_event_id, str) else None
+            explanation = f"Invalid JSON in client event: {error}. Send one JSON object per message."
+            return [error_event(explanation, code="invalid_json")]
+        event_id = message.get("event_id") if isinstance(message, dict) else None
+        event_id = event_id if isinstance(event_id, str) else None
         try:
             event = self._validate(message)
             return self._handlers[message["type"]](event, message)
         except Refusal as refusal:
-            return [error_event(refusal.message, code=refusal.code, param=refusal.param, client_event_id=client_event_id)]
+            return [error_event(refusal.message, code=refusal.code, param=refusal.param, client_event_id=event_id)]
 
     def _validate(self, message: object) -> typing.Any:
         if not isinstance(message, dict) or not isinstance(message.get("type"), str):
             raise Refusal("Missing required parameter: 'type'.", code="missing_required_parameter", param="type")
         if message["type"] not in self._handlers:
             supported = ", ".join(f"'{name}'" for name in self._handlers)
-            raise Refusal(
-                f"Invalid value: '{message['type']}'. Supported values are: {supported}.", code="invalid_value", param="type"
-            )
+            explanation = f"Invalid value: '{message['type']}'. Supported values are: {supported}."
+            raise Refusal(explanation, code="invalid_value", param="type")
         try:
             return CLIENT_EVENTS.validate_python(message)
         except pydantic.ValidationError as error:
@@ -181,35 +122,9 @@ class LocalSession:
     # Session
 
     def _session_update(self, event: typing.Any, message: dict) -> list[dict]:
-        update = message["session"]
-        if update.get("type") != "realtime":
-            raise Refusal("The local model supports session.type 'realtime' only.", code="invalid_value", param="session.type")
-        merged = merge_session(self.config, update)
-        for fixed_key in ("type", "object", "id", "expires_at"):
-            merged[fixed_key] = self.config[fixed_key]
-        for direction in ("input", "output"):
-            audio_format = merged["audio"][direction]["format"]
-            if audio_format.get("type") not in BYTES_PER_MS:
-                raise Refusal(
-                    f"Unsupported format {audio_format.get('type')!r} for session.audio.{direction}.format: "
-                    "the local model speaks 'audio/pcmu' and 'audio/pcm'.",
-                    code="invalid_value",
-                    param=f"session.audio.{direction}.format.type",
-                )
-            if audio_format["type"] == "audio/pcm":
-                audio_format["rate"] = PCM_RATE_HZ
-        turn_detection = merged["audio"]["input"]["turn_detection"]
-        if turn_detection is not None:
-            if turn_detection.get("type") != "server_vad":
-                raise Refusal(
-                    "The local model supports turn_detection 'server_vad' or null only.",
-                    code="invalid_value",
-                    param="session.audio.input.turn_detection.type",
-                )
-            turn_detection = {**DEFAULT_SERVER_VAD, **turn_detection}
-            merged["audio"]["input"]["turn_detection"] = turn_detection
-            self.vad.reconfigure(turn_detection["threshold"], turn_detection["silence_duration_ms"])
-        self.config = merged
+        self.config = updated_session(self.config, message["session"])
+        if self.turn_detection is not None:
+            self.vad.reconfigure(self.turn_detection["threshold"], self.turn_detection["silence_duration_ms"])
         return [server_event("session.updated", session=self.config)]
 
     # Input audio buffer
@@ -218,7 +133,7 @@ class LocalSession:
         try:
             payload = base64.b64decode(event.audio, validate=True)
         except binascii.Error:
-            raise Refusal("Invalid 'audio': expected base64-encoded audio bytes.", code="invalid_value", param="audio") from None
+            raise Refusal("Invalid 'audio': expected base64 audio.", code="invalid_value", param="audio") from None
         format_type = self.config["audio"]["input"]["format"]["type"]
         if format_type == "audio/pcm" and len(payload) % 2:
             raise Refusal("Invalid 'audio': audio/pcm needs whole 16-bit samples.", code="invalid_value", param="audio")
@@ -227,7 +142,10 @@ class LocalSession:
         for boundary in self.vad.feed(self._decode_input(payload, format_type)):
             if self.turn_detection is None:
                 continue
-            events += self._speech_started(boundary.onset_ms) if isinstance(boundary, SpeechStarted) else self._speech_stopped(boundary.audio_end_ms)
+            if isinstance(boundary, SpeechStarted):
+                events += self._speech_started(boundary.onset_ms)
+            else:
+                events += self._speech_stopped(boundary.audio_end_ms)
         return events
 
     def _decode_input(self, payload: bytes, format_type: str) -> np.ndarray:
@@ -239,7 +157,8 @@ class LocalSession:
     def _speech_started(self, onset_ms: int) -> list[dict]:
         self.speech_item_id = new_id("item")
         audio_start_ms = max(onset_ms - self.turn_detection["prefix_padding_ms"], self.buffer_start_ms)
-        events = [server_event("input_audio_buffer.speech_started", audio_start_ms=audio_start_ms, item_id=self.speech_item_id)]
+        item_id = self.speech_item_id
+        events = [server_event("input_audio_buffer.speech_started", audio_start_ms=audio_start_ms, item_id=item_id)]
         if self.turn_detection["interrupt_response"] and self.response is not None:
             events += self._end_response("cancelled", "turn_detected")
         return events
@@ -353,7 +272,8 @@ class LocalSession:
         if event.item_id not in self.assistant_audio:
             raise Refusal("Only model output audio messages can be truncated.", code="invalid_value", param="item_id")
         if event.content_index != 0:
-            raise Refusal("Invalid 'content_index': the item has one content part, 0.", code="invalid_value", param="content_index")
+            explanation = "Invalid 'content_index': the item has one content part, 0."
+            raise Refusal(explanation, code="invalid_value", param="content_index")
         answer, generated_ms = self.assistant_audio[event.item_id]
         if not 0 <= event.audio_end_ms <= generated_ms:
             raise Refusal(
@@ -362,7 +282,8 @@ class LocalSession:
                 param="audio_end_ms",
             )
         self.assistant_audio[event.item_id] = (answer, event.audio_end_ms)
-        self.items[event.item_id]["content"] = [{"type": "output_audio", "transcript": answer.transcript_heard(event.audio_end_ms)}]
+        heard_transcript = answer.transcript_heard(event.audio_end_ms)
+        self.items[event.item_id]["content"] = [{"type": "output_audio", "transcript": heard_transcript}]
         return [
             server_event(
                 "conversation.item.truncated",
@@ -383,7 +304,8 @@ class LocalSession:
         return [server_event("conversation.item.retrieved", item=self.items[event.item_id])]
 
     def _output_audio_buffer_clear(self, event: typing.Any, message: dict) -> list[dict]:
-        raise Refusal("output_audio_buffer.clear is only supported for WebRTC and SIP sessions.", code="invalid_value", param="type")
+        explanation = "output_audio_buffer.clear is only supported for WebRTC and SIP sessions."
+        raise Refusal(explanation, code="invalid_value", param="type")
 
     def _require_item(self, item_id: str) -> None:
         if item_id not in self.items:
