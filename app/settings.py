@@ -56,8 +56,8 @@ class Settings:
     database_url: str = "sqlite:///callgate.db"
 
     def __post_init__(self) -> None:
-        if not 1 <= self.port <= 65535:
-            raise SettingsError(f"CALLGATE_PORT must be 1-65535, got {self.port}")
+        if not 0 <= self.port <= 65535:
+            raise SettingsError(f"CALLGATE_PORT must be 0-65535 (0: any free port), got {self.port}")
         if self.greeting_lock_mode not in GREETING_LOCK_MODES:
             raise SettingsError(
                 f"CALLGATE_GREETING_LOCK_MODE must be one of {', '.join(GREETING_LOCK_MODES)}, "

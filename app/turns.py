@@ -267,12 +267,11 @@ class Turns:
         """An item goes to the transcript once it is fully heard, with its text known."""
         if response.active or response.pending_marks:
             return []
-        return [self._record_item(item, truncated=False) for item in response.items.values()
-                if item.transcript and not item.recorded]
+        return [self._record_item(item) for item in response.items.values() if item.transcript and not item.recorded]
 
-    def _record_item(self, item: ItemAudio, *, truncated: bool) -> RecordTranscript:
+    def _record_item(self, item: ItemAudio) -> RecordTranscript:
         item.recorded = True
-        return RecordTranscript("assistant", item.transcript, truncated, item.played_ms)
+        return RecordTranscript("assistant", item.transcript, item.played_ms < item.generated_ms, item.played_ms)
 
     # Barge-in: the one condition and the one place that cancels.
     def _on_voice_onset(self, voiced_ms: int) -> list[TurnAction]:
@@ -298,6 +297,7 @@ class Turns:
                 response.cancel_sent = True
                 actions.append(SendToModel(protocol.response_cancel(response.response_id)))
             actions.extend(self._forget_unheard(response))
+            actions.extend(self._record_heard_items(response))
         heard = {item.item_id: item.played_ms for r in audible for item in r.items.values()}
         actions.append(Log("BARGE_IN", "caller talked over the bot, bot silenced", {
             "resp": ",".join(r.response_id for r in audible), "talk_over_ms": talk_over_ms,
@@ -313,8 +313,6 @@ class Turns:
                 continue
             if item.played_ms > 0:
                 actions.append(SendToModel(protocol.item_truncate(item.item_id, min(item.played_ms, item.generated_ms))))
-                if item.transcript:
-                    actions.append(self._record_item(item, truncated=True))
             else:
                 actions.append(SendToModel(protocol.item_delete(item.item_id)))
                 item.recorded = True
@@ -325,5 +323,5 @@ class Turns:
         for response in self._responses.values():
             for item in response.items.values():
                 if item.transcript and not item.recorded:
-                    actions.append(self._record_item(item, truncated=item.played_ms < item.generated_ms))
+                    actions.append(self._record_item(item))
         return actions

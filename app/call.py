@@ -1,0 +1,274 @@
+"""One call: a nursery of thin trio tasks that feed the turn-taking machine and carry out its actions.
+
+A frame's path reads one way: carrier codec -> dsp -> turns -> realtime codec.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import AsyncIterator, Protocol
+from urllib.parse import quote
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
+
+from app.carriers import twilio
+from app.logs import log_event
+from app.model_events import to_turn_event
+from app.playback import Playback, PlayoutReference
+from app.realtime import protocol
+from app.settings import Settings
+from app.turn_events import (
+    CallEnding, CallStarted, ClearCarrier, DtmfPressed, Log, MarkPlayed, PlayAudio, RecordEvent, RecordTranscript,
+    SendToModel, StopPlayback, Tick, TurnAction, TurnEvent, VoiceOnset,
+)
+from app.turns import InboundDisposition, Turns
+from dsp.g711 import ULAW_SILENCE
+from dsp.inbound import InboundFrameAnalyzer
+from storage.records import CallEnded, CallEventRecord, CallStarted as CallStartedRecord, TranscriptTurnRecord
+
+logger = logging.getLogger("callgate.call")
+
+MODEL_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+MODEL_CONNECT_TIMEOUT_S = 10
+MODEL_DISCONNECT_TIMEOUT_S = 1  # the model socket must be closed within 1 s of hang-up
+MODEL_OUTBOX_EVENTS = 1000  # 20 s of inbound audio: beyond that the model link is dead, not slow
+INBOUND_QUEUE_FRAMES = 50
+SILENT_FRAME = bytes([ULAW_SILENCE]) * twilio.MEDIA_FRAME_BYTES
+
+
+class Recorder(Protocol):
+    def submit(self, record: object) -> None: ...
+
+
+@dataclass(frozen=True)
+class ModelEndpoint:
+    """Where the Realtime socket goes: OpenAI, or any Realtime-compatible server such as the local model."""
+
+    url: str
+    model: str
+    api_key: str
+
+    @property
+    def connect_url(self) -> str:
+        return f"{self.url}?model={quote(self.model)}"
+
+
+@asynccontextmanager
+async def open_model_socket(endpoint: ModelEndpoint) -> AsyncIterator[WebSocketConnection]:
+    headers = [(b"Authorization", f"Bearer {endpoint.api_key}".encode())]
+    async with open_websocket_url(
+        endpoint.connect_url,
+        extra_headers=headers,
+        max_message_size=MODEL_MAX_MESSAGE_BYTES,
+        connect_timeout=MODEL_CONNECT_TIMEOUT_S,
+        disconnect_timeout=MODEL_DISCONNECT_TIMEOUT_S,
+    ) as socket:
+        yield socket
+
+
+class ModelLinkLost(Exception):
+    """The model socket closed or stalled mid-call."""
+
+
+class CallSession:
+    """Runs one call between a started carrier stream and a model socket, until either side ends it."""
+
+    def __init__(self, settings: Settings, start: twilio.Start, recorder: Recorder) -> None:
+        self.settings = settings
+        self.call_sid = start.call_sid
+        self.stream_sid = start.stream_sid
+        self._start = start
+        self._recorder = recorder
+        barge_in_enabled = start.custom_parameters.get("barge_in", "true").lower() != "false"
+        self.turns = Turns(settings, barge_in_enabled=barge_in_enabled)
+        self._analyzer = InboundFrameAnalyzer(
+            gate_mode=settings.echo_gate_mode,
+            min_rms=settings.echo_gate_min_rms,
+            vad_aggressiveness=settings.vad_aggressiveness,
+            voice_frames=settings.barge_in_voice_frames,
+            debounce_ms=settings.barge_in_debounce_ms,
+        )
+        self._reference = PlayoutReference()
+        self._carrier_out_send, self._carrier_out = trio.open_memory_channel[str](math.inf)
+        self._model_out_send, self._model_out = trio.open_memory_channel[dict](MODEL_OUTBOX_EVENTS)
+        self._inbound_send, self._inbound = trio.open_memory_channel[twilio.Media](INBOUND_QUEUE_FRAMES)
+        playback_send, playback_receive = trio.open_memory_channel[PlayAudio](math.inf)
+        self._playback_send = playback_send
+        self._playback = Playback(
+            self.stream_sid, playback_receive, self._carrier_out_send, self._reference, settings.playback_lead_ms
+        )
+        self.end_reason = ""
+
+    def log(self, tag: str, message: str = "", *, level: int = logging.INFO, **fields: object) -> None:
+        log_event(logger, self.call_sid, tag, message, level=level, **fields)
+
+    async def run(self, carrier: WebSocketConnection, model: WebSocketConnection) -> str:
+        """Run the call's tasks in one nursery; returns why the call ended. Cancelling it hangs up cleanly."""
+        self._recorder.submit(CallStartedRecord(
+            call_sid=self.call_sid, stream_sid=self.stream_sid,
+            from_number=self._start.custom_parameters.get("from", ""),
+            to_number=self._start.custom_parameters.get("to", ""),
+            business_id=_optional_int(self._start.custom_parameters.get("business_id")),
+            started_at=_utc_now(),
+        ))
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._carrier_reader, carrier)
+                nursery.start_soon(self._carrier_writer, carrier)
+                nursery.start_soon(self._inbound_audio)
+                nursery.start_soon(self._model_reader, model)
+                nursery.start_soon(self._model_writer, model)
+                nursery.start_soon(self._playback.run)
+                self.feed(CallStarted())
+        except* ModelLinkLost as lost:
+            self.end_reason = "model_link_lost"
+            self.log("CALL", "model link lost, ending call", level=logging.ERROR, why=str(lost.exceptions[0]))
+        finally:
+            self.end_reason = self.end_reason or "cancelled"
+            self.feed(CallEnding(self.end_reason))
+            self._recorder.submit(CallEnded(call_sid=self.call_sid, ended_at=_utc_now(), end_reason=self.end_reason))
+        return self.end_reason
+
+    def hang_up(self, reason: str) -> None:
+        self.end_reason = self.end_reason or reason
+        self._nursery.cancel_scope.cancel()
+
+    def feed(self, event: TurnEvent) -> None:
+        """Hand one event to the turn-taking machine and carry out its actions at once, in order."""
+        for action in self.turns.handle(event, trio.current_time()):
+            self._carry_out(action)
+
+    def _carry_out(self, action: TurnAction) -> None:
+        match action:
+            case SendToModel(event):
+                self._send_to_model(event)
+            case PlayAudio():
+                self._playback_send.send_nowait(action)
+            case StopPlayback(response_id):
+                self._playback.stop(response_id)
+            case ClearCarrier():
+                self._carrier_out_send.send_nowait(twilio.clear(self.stream_sid))
+                self._playback.carrier_cleared()
+            case Log(tag, message, fields, level):
+                self.log(tag, message, level=logging.getLevelName(level.upper()), **fields)
+            case RecordEvent(kind, detail):
+                self._recorder.submit(CallEventRecord(call_sid=self.call_sid, kind=kind, at=_utc_now(), detail=detail))
+            case RecordTranscript(role, text, truncated, heard_ms):
+                self._recorder.submit(TranscriptTurnRecord(
+                    call_sid=self.call_sid, role=role, text=text, started_at=_utc_now(), truncated=truncated,
+                    heard_ms=heard_ms,
+                ))
+
+    def _send_to_model(self, event: dict) -> None:
+        try:
+            self._model_out_send.send_nowait(event)
+        except trio.WouldBlock:
+            raise ModelLinkLost(f"{MODEL_OUTBOX_EVENTS} events queued for a model that is not reading") from None
+
+    async def _carrier_reader(self, carrier: WebSocketConnection) -> None:
+        try:
+            while True:
+                text = await carrier.get_message()
+                self._on_carrier_message(text)
+        except ConnectionClosed:
+            self.hang_up("carrier_closed")
+
+    def _on_carrier_message(self, text: str | bytes) -> None:
+        if isinstance(text, bytes):
+            self.log("CARRIER", "binary frame from carrier ignored (Twilio 31950)", level=logging.ERROR)
+            return
+        try:
+            event = twilio.parse(text)
+        except twilio.CarrierProtocolError as error:
+            self.log("CARRIER", "bad frame from carrier ignored", level=logging.ERROR, why=str(error))
+            return
+        match event:
+            case twilio.Media():
+                self._queue_inbound(event)
+            case twilio.Mark(name):
+                self.feed(MarkPlayed(name))
+            case twilio.Dtmf(digit):
+                self.feed(DtmfPressed(digit))
+            case twilio.Stop():
+                self.hang_up("carrier_stop")
+            case _:
+                self.log("CARRIER", "unexpected event mid-call ignored", level=logging.WARNING,
+                         event=type(event).__name__)
+
+    def _queue_inbound(self, media: twilio.Media) -> None:
+        try:
+            self._inbound_send.send_nowait(media)
+        except trio.WouldBlock:
+            self.log("INBOUND", "inbound audio queue full, frame dropped", level=logging.ERROR, chunk=media.chunk)
+
+    async def _carrier_writer(self, carrier: WebSocketConnection) -> None:
+        try:
+            async for text in self._carrier_out:
+                await carrier.send_message(text)
+        except ConnectionClosed:
+            self.hang_up("carrier_closed")
+
+    async def _inbound_audio(self) -> None:
+        async for media in self._inbound:
+            self._on_inbound_frame(media)
+            await trio.lowlevel.checkpoint()
+
+    def _on_inbound_frame(self, media: twilio.Media) -> None:
+        if len(media.payload) != twilio.MEDIA_FRAME_BYTES:
+            self.log("INBOUND", "inbound frame of unexpected size ignored", level=logging.ERROR,
+                     bytes=len(media.payload), chunk=media.chunk)
+            return
+        analysis = self._analyzer.analyze(
+            media.payload, self._reference.pop_frame(), self.turns.bot_audible, trio.current_time() * 1000
+        )
+        if analysis.onset:
+            self.feed(VoiceOnset(self.settings.barge_in_voice_frames * 20))
+        self.feed(Tick())
+        disposition = self.turns.inbound_disposition(analysis.passes_gate)
+        if disposition is InboundDisposition.AUDIO:
+            self._send_to_model(protocol.input_audio_append(media.payload))
+        elif disposition is InboundDisposition.SILENCE:
+            self._send_to_model(protocol.input_audio_append(SILENT_FRAME))
+
+    async def _model_reader(self, model: WebSocketConnection) -> None:
+        try:
+            while True:
+                self._on_model_message(await model.get_message())
+        except ConnectionClosed as closed:
+            raise ModelLinkLost(f"model socket closed code={int(closed.reason.code)} {closed.reason.reason}") from None
+
+    def _on_model_message(self, text: str | bytes) -> None:
+        try:
+            event = protocol.parse_server_event(text)
+        except protocol.ModelProtocolError as error:
+            self.log("MODEL", "bad event from model skipped", level=logging.ERROR, why=str(error))
+            return
+        if isinstance(event, protocol.UnknownServerEvent):
+            self.log("MODEL", "unknown event type skipped", level=logging.WARNING, type=event.type)
+            return
+        turn_event = to_turn_event(event)
+        if turn_event is not None:
+            self.feed(turn_event)
+        elif event.type == "input_audio_buffer.speech_started":
+            self.log("MODEL", "model heard the caller start speaking", audio_start_ms=event.audio_start_ms)
+
+    async def _model_writer(self, model: WebSocketConnection) -> None:
+        try:
+            async for event in self._model_out:
+                await model.send_message(protocol.encode(event))
+        except ConnectionClosed as closed:
+            raise ModelLinkLost(f"model socket closed code={int(closed.reason.code)}") from None
+
+
+def _utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _optional_int(text: str | None) -> int | None:
+    return int(text) if text and text.isdigit() else None

@@ -1,0 +1,69 @@
+"""callgate serve | simulate | migrate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+import trio
+import trio.testing
+
+from app.logs import configure_logging
+from app.settings import Settings, SettingsError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="callgate", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("serve", help="run the server: Twilio webhook and media streams on one port")
+    simulate = commands.add_parser("simulate", help="play one full simulated call against the local model")
+    simulate.add_argument("--fast", action="store_true", help="run in virtual time instead of real time")
+    simulate.add_argument("--plot", metavar="PNG", help="draw the call's waveforms to this file (needs the plot extra)")
+    migrate = commands.add_parser("migrate", help="apply the database migrations")
+    mode = migrate.add_mutually_exclusive_group()
+    mode.add_argument("--list", action="store_true", help="list migrations and whether they are applied")
+    mode.add_argument("--dry-run", action="store_true", help="say what would be applied, change nothing")
+    args = parser.parse_args(argv)
+
+    try:
+        settings = Settings.from_env()
+    except SettingsError as error:
+        print(f"callgate: {error}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    if args.command == "serve":
+        return _serve(settings)
+    if args.command == "simulate":
+        return _simulate(settings, fast=args.fast, plot_path=args.plot)
+    from storage.commands import migrate_command
+
+    return migrate_command(settings.database_url, list_only=args.list, dry_run=args.dry_run)
+
+
+def _serve(settings: Settings) -> int:
+    from app.server import serve
+
+    try:
+        trio.run(serve, settings)
+    except KeyboardInterrupt:
+        logging.getLogger("callgate").info("call=- [SERVER] stopped")
+    return 0
+
+
+def _simulate(settings: Settings, *, fast: bool, plot_path: str | None) -> int:
+    from app.simulate import plot_call, simulate_call
+
+    if not settings.uses_local_model:
+        print("callgate simulate always uses the built-in local model; OPENAI_API_KEY is ignored", file=sys.stderr)
+        settings = Settings(**{**settings.__dict__, "openai_api_key": ""})
+    clock = trio.testing.MockClock(autojump_threshold=0) if fast else None
+    report = trio.run(simulate_call, settings, clock=clock)
+    for at_s, what in report.timeline.events:
+        print(f"{at_s:8.2f}s  {what}")
+    print(json.dumps(report.summary(), indent=2))
+    if plot_path:
+        plot_call(report, plot_path)
+        print(f"plot written to {plot_path}")
+    return 0 if report.talk_over_ms is not None and not report.greeting_cleared else 1

@@ -1,0 +1,183 @@
+"""One port for plain HTTP and WebSocket: h11 reads the request head, then either answers it or
+hands the untouched bytes to trio-websocket for the upgrade."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+from urllib.parse import parse_qsl, urlsplit
+
+import h11
+import trio
+from trio_websocket import WebSocketRequest, wrap_server_stream
+
+logger = logging.getLogger("callgate.http")
+
+MAX_HEAD_BYTES = 16 * 1024
+MAX_BODY_BYTES = 1024 * 1024
+REQUEST_TIMEOUT_S = 10
+CARRIER_MAX_MESSAGE_BYTES = 64 * 1024  # a Twilio frame is well under 1 KiB; a big one is an attack
+
+
+@dataclass(frozen=True)
+class HttpRequest:
+    method: str
+    target: str
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def path(self) -> str:
+        return urlsplit(self.target).path
+
+    @property
+    def query(self) -> dict[str, str]:
+        return dict(parse_qsl(urlsplit(self.target).query))
+
+    def form(self) -> dict[str, str]:
+        return dict(parse_qsl(self.body.decode("utf-8", "replace"), keep_blank_values=True))
+
+
+@dataclass(frozen=True)
+class HttpResponse:
+    status: int
+    body: bytes = b""
+    content_type: str = "text/plain; charset=utf-8"
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def json(cls, status: int, value: object) -> "HttpResponse":
+        return cls(status, json.dumps(value).encode(), "application/json")
+
+
+HttpHandler = Callable[[HttpRequest], Awaitable[HttpResponse]]
+WebSocketHandler = Callable[[WebSocketRequest], Awaitable[None]]
+
+
+class _ReplayStream(trio.abc.Stream):
+    """The client's stream with the bytes we already read put back in front, for the WebSocket handshake."""
+
+    def __init__(self, stream: trio.abc.Stream, already_read: bytes) -> None:
+        self._stream = stream
+        self._already_read = already_read
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._already_read:
+            size = len(self._already_read) if max_bytes is None else max_bytes
+            chunk, self._already_read = self._already_read[:size], self._already_read[size:]
+            await trio.lowlevel.checkpoint()
+            return chunk
+        return await self._stream.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+class Router:
+    """Routes by (method, path) for HTTP and by path for WebSocket upgrades."""
+
+    def __init__(self) -> None:
+        self._http: dict[tuple[str, str], HttpHandler] = {}
+        self._websocket: dict[str, WebSocketHandler] = {}
+
+    def http(self, method: str, path: str, handler: HttpHandler) -> None:
+        self._http[(method, path)] = handler
+
+    def websocket(self, path: str, handler: WebSocketHandler) -> None:
+        self._websocket[path] = handler
+
+    async def handle_connection(self, stream: trio.abc.Stream) -> None:
+        """Serve one TCP connection: one HTTP request, or one WebSocket for as long as it lives."""
+        connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+        received = bytearray()
+        try:
+            with trio.fail_after(REQUEST_TIMEOUT_S):
+                request = await _next_h11_event(connection, stream, received)
+            if not isinstance(request, h11.Request):
+                return
+            headers = {name.decode().lower(): value.decode("latin-1") for name, value in request.headers}
+            if headers.get("upgrade", "").lower() == "websocket":
+                await self._serve_websocket(_ReplayStream(stream, bytes(received)))
+                return
+            with trio.fail_after(REQUEST_TIMEOUT_S):
+                body = await _read_body(connection, stream, received)
+                http_request = HttpRequest(request.method.decode(), request.target.decode(), headers, body)
+                await _send_response(connection, stream, await self._answer(http_request))
+        except h11.RemoteProtocolError as error:
+            logger.warning("call=- [HTTP] bad request refused why=%r", str(error))
+            await _send_bad_request(stream, str(error))
+        except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError) as error:
+            logger.warning("call=- [HTTP] request failed why=%r", type(error).__name__)
+        finally:
+            await stream.aclose()
+
+    async def _answer(self, request: HttpRequest) -> HttpResponse:
+        handler = self._http.get((request.method, request.path))
+        if handler is None:
+            known_path = any(path == request.path for _, path in self._http)
+            return HttpResponse(405 if known_path else 404, b"method not allowed" if known_path else b"not found")
+        return await handler(request)
+
+    async def _serve_websocket(self, stream: trio.abc.Stream) -> None:
+        async with trio.open_nursery() as nursery:
+            ws_request = await wrap_server_stream(nursery, stream, max_message_size=CARRIER_MAX_MESSAGE_BYTES)
+            handler = self._websocket.get(urlsplit(ws_request.path).path)
+            if handler is None:
+                await ws_request.reject(404, body=b"no WebSocket at this path")
+                return
+            await handler(ws_request)
+
+
+async def _receive_into(stream: trio.abc.Stream, received: bytearray) -> bytes:
+    chunk = await stream.receive_some(65536)
+    received.extend(chunk)
+    return chunk
+
+
+async def _next_h11_event(connection: h11.Connection, stream: trio.abc.Stream, received: bytearray) -> object:
+    while True:
+        event = connection.next_event()
+        if event is not h11.NEED_DATA:
+            return event
+        connection.receive_data(await _receive_into(stream, received))
+
+
+async def _read_body(connection: h11.Connection, stream: trio.abc.Stream, received: bytearray) -> bytes:
+    body = bytearray()
+    while True:
+        event = await _next_h11_event(connection, stream, received)
+        if isinstance(event, h11.Data):
+            body.extend(event.data)
+            if len(body) > MAX_BODY_BYTES:
+                raise h11.RemoteProtocolError(f"request body over {MAX_BODY_BYTES} bytes")
+        elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+            return bytes(body)
+
+
+async def _send_bad_request(stream: trio.abc.Stream, reason: str) -> None:
+    """Written by hand: after a protocol error h11 no longer lets us speak."""
+    body = f"bad request: {reason}".encode()
+    head = f"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    try:
+        await stream.send_all(head.encode() + body)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+
+
+async def _send_response(connection: h11.Connection, stream: trio.abc.Stream, response: HttpResponse) -> None:
+    headers = [
+        ("Content-Type", response.content_type),
+        ("Content-Length", str(len(response.body))),
+        ("Connection", "close"),
+        *response.headers.items(),
+    ]
+    head = connection.send(h11.Response(status_code=response.status, headers=headers))
+    await stream.send_all(head + connection.send(h11.Data(data=response.body)) + connection.send(h11.EndOfMessage()))

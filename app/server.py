@@ -1,0 +1,175 @@
+"""The callgate server: Twilio's webhook and media streams on one port, one nursery per call."""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from functools import partial
+
+import trio
+from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, WebSocketRequest
+
+from app.call import CallSession, ModelEndpoint, Recorder, open_model_socket
+from app.carriers import twilio
+from app.http import HttpRequest, HttpResponse, Router
+from app.logs import log_event
+from app.realtime.local import LocalRealtimeModel
+from app.settings import Settings
+from storage.db import open_database
+from storage.migrate import apply_migrations
+from storage.writer import StorageWriter
+
+logger = logging.getLogger("callgate.server")
+
+START_TIMEOUT_S = 10
+MEDIA_PATH = "/media/twilio"
+
+
+class CallgateServer:
+    """Routes and per-call lifecycles; knows nothing of turn-taking, which lives in each CallSession."""
+
+    def __init__(self, settings: Settings, endpoint: ModelEndpoint, recorder: Recorder) -> None:
+        self.settings = settings
+        self.endpoint = endpoint
+        self.recorder = recorder
+        self.active_calls: dict[str, CallSession] = {}
+        self.stream_token_secret = settings.stream_token_secret or settings.twilio_auth_token
+        if not self.stream_token_secret:
+            # Several processes behind one number need a shared secret; one process can make its own.
+            self.stream_token_secret = secrets.token_hex(32)
+            logger.warning("call=- [SERVER] CALLGATE_STREAM_TOKEN_SECRET unset: stream tokens are valid in this process only")
+        self.router = Router()
+        self.router.http("GET", "/healthz", self.healthz)
+        self.router.http("POST", "/twilio/voice", self.twilio_voice)
+        self.router.websocket(MEDIA_PATH, self.media_stream)
+
+    async def healthz(self, request: HttpRequest) -> HttpResponse:
+        return HttpResponse.json(200, {"status": "ok", "active_calls": len(self.active_calls)})
+
+    async def twilio_voice(self, request: HttpRequest) -> HttpResponse:
+        form = request.form()
+        call_sid = form.get("CallSid", "")
+        if self.settings.twilio_auth_token:
+            url = f"https://{self.settings.public_host}{request.target}"
+            if not twilio.signature_is_valid(self.settings.twilio_auth_token, url, form,
+                                             request.headers.get("x-twilio-signature", "")):
+                log_event(logger, call_sid or "-", "TWILIO", "voice webhook with a bad signature refused",
+                          level=logging.WARNING)
+                return HttpResponse(403, b"bad X-Twilio-Signature")
+        if not call_sid:
+            return HttpResponse(400, b"CallSid is required")
+        parameters = {
+            "token": twilio.stream_token(self.stream_token_secret, call_sid),
+            "from": form.get("From", ""),
+            "to": form.get("To", ""),
+        }
+        twiml = twilio.twiml_connect_stream(f"wss://{self.settings.public_host}{MEDIA_PATH}", parameters)
+        log_event(logger, call_sid, "TWILIO", "call connected to media stream", **{"from": parameters["from"]})
+        return HttpResponse(200, twiml.encode(), "application/xml")
+
+    async def media_stream(self, ws_request: WebSocketRequest) -> None:
+        if self.settings.twilio_auth_token and not self._upgrade_signature_is_valid(ws_request):
+            logger.warning("call=- [TWILIO] media stream upgrade with a bad signature refused")
+            await ws_request.reject(403, body=b"bad X-Twilio-Signature")
+            return
+        carrier = await ws_request.accept()
+        try:
+            start = await _await_start(carrier)
+            if start is not None and self._stream_token_is_valid(start):
+                await self._run_call(start, carrier)
+        finally:
+            await carrier.aclose()
+
+    def _upgrade_signature_is_valid(self, ws_request: WebSocketRequest) -> bool:
+        headers = {name.decode().lower(): value.decode("latin-1") for name, value in ws_request.headers}
+        url = f"wss://{self.settings.public_host}{MEDIA_PATH}"
+        return twilio.signature_is_valid(self.settings.twilio_auth_token, url, {}, headers.get("x-twilio-signature", ""))
+
+    def _stream_token_is_valid(self, start: twilio.Start) -> bool:
+        token = start.custom_parameters.get("token", "")
+        if twilio.stream_token_is_valid(self.stream_token_secret, start.call_sid, token):
+            return True
+        log_event(logger, start.call_sid, "TWILIO", "media stream with a bad or missing token refused",
+                  level=logging.WARNING)
+        return False
+
+    async def _run_call(self, start: twilio.Start, carrier: WebSocketConnection) -> None:
+        """One call, start to hang-up; whatever goes wrong is logged here and never reaches another call."""
+        session = CallSession(self.settings, start, self.recorder)
+        self.active_calls[start.call_sid] = session
+        session.log("CALL", "media stream started", stream=start.stream_sid)
+        try:
+            async with open_model_socket(self.endpoint) as model:
+                reason = await session.run(carrier, model)
+            session.log("CALL", "call ended", reason=reason)
+        except* (OSError, HandshakeError, trio.TooSlowError) as failure:
+            session.log("CALL", "could not reach the model, call dropped", level=logging.ERROR,
+                        why=repr(failure.exceptions[0]))
+        except* Exception:
+            logger.exception("call=%s [CALL] call failed", start.call_sid)
+        finally:
+            del self.active_calls[start.call_sid]
+            with trio.CancelScope(shield=True):
+                await self.recorder.flush()
+
+
+async def _await_start(carrier: WebSocketConnection) -> twilio.Start | None:
+    """Read `connected` then `start`; anything else first is logged and ignored."""
+    try:
+        with trio.fail_after(START_TIMEOUT_S):
+            while True:
+                try:
+                    event = twilio.parse(await carrier.get_message())
+                except twilio.CarrierProtocolError as error:
+                    logger.error("call=- [TWILIO] bad frame before start why=%r", str(error))
+                    continue
+                if isinstance(event, twilio.Start):
+                    return event
+                if not isinstance(event, twilio.Connected):
+                    logger.warning("call=- [TWILIO] %s before start ignored", type(event).__name__)
+    except trio.TooSlowError:
+        logger.error("call=- [TWILIO] no start event within %s s, stream closed", START_TIMEOUT_S)
+    except ConnectionClosed:
+        logger.info("call=- [TWILIO] stream closed before start")
+    return None
+
+
+async def start_model_endpoint(settings: Settings, nursery: trio.Nursery) -> ModelEndpoint:
+    """OpenAI with a key; without one, the built-in local model, reached over the same protocol."""
+    if not settings.uses_local_model:
+        return ModelEndpoint(settings.realtime_url, settings.realtime_model, settings.openai_api_key)
+    local_url = await nursery.start(LocalRealtimeModel().serve)
+    logger.info("call=- [SERVER] no OPENAI_API_KEY: using the built-in local model at %s", local_url)
+    return ModelEndpoint(local_url, settings.realtime_model, "local")
+
+
+async def serve(settings: Settings, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Migrate, start the storage writer and the model endpoint, then serve until cancelled.
+
+    On cancellation the calls hang up first; the storage writer stops only after them, so every
+    record a call submitted on its way out is written.
+    """
+    database = open_database(settings.database_url)
+    await trio.to_thread.run_sync(apply_migrations, database)
+    writer = StorageWriter(database)
+    writer_scope = trio.CancelScope(shield=True)
+
+    async def run_writer(task_status=trio.TASK_STATUS_IGNORED) -> None:
+        with writer_scope:
+            await writer.run(task_status=task_status)
+
+    async with trio.open_nursery() as storage_nursery:
+        await storage_nursery.start(run_writer)
+        try:
+            async with trio.open_nursery() as nursery:
+                endpoint = await start_model_endpoint(settings, nursery)
+                server = CallgateServer(settings, endpoint, writer)
+                listeners = await nursery.start(
+                    partial(trio.serve_tcp, server.router.handle_connection, settings.port, host=settings.host)
+                )
+                port = listeners[0].socket.getsockname()[1]
+                logger.info("call=- [SERVER] listening %s", json.dumps({"host": settings.host, "port": port}))
+                task_status.started(port)
+        finally:
+            writer_scope.cancel()

@@ -1,0 +1,81 @@
+"""Whole calls over real loopback sockets, in virtual time: the server, the local model and a simulated phone."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import pytest
+import trio
+import trio.testing
+
+from app.carriers.simulated_twilio import SimulatedPhone, run_phone_call
+from app.server import serve
+from app.settings import Settings
+from app.simulate import StandardCall, measure, simulate_call
+from storage.db import open_database
+from storage.models import Call, CallEvent, TranscriptTurn
+
+
+@pytest.fixture
+def mock_clock():
+    return trio.testing.MockClock(autojump_threshold=0)
+
+
+@pytest.fixture
+def settings(tmp_path):
+    return Settings(database_url=f"sqlite:///{tmp_path / 'calls.db'}", host="127.0.0.1", port=0)
+
+
+async def test_the_seeds_manual_checks_on_a_whole_simulated_call(settings, mock_clock, caplog):
+    caplog.set_level(logging.INFO, logger="callgate")
+    report = await simulate_call(settings)
+    log = caplog.text
+    # 1. The bot says its first sentence; 2. talking during it changes nothing.
+    assert "[FIRST_UTTERANCE] NO barge-in until first response completes resp=" in log
+    assert report.greeting_cleared is False
+    assert "caller speech ignored while the first utterance plays" in log
+    # 3. Once it has been heard to the end, barge-in is on.
+    assert "[FIRST_UTTERANCE] Barge-in now ENABLED for rest of call" in log
+    enabled_at = next(at for at, what in report.timeline.events if what.startswith("server: Barge-in now ENABLED"))
+    greeting_heard_at = next(at for at, what in report.timeline.events if what == "greeting heard to the end")
+    assert enabled_at < greeting_heard_at
+    # 4. Talking during the answer stops it at once: within the 6-frame onset plus a few frames.
+    assert "[BARGE_IN]" in log and "talk_over_ms=" in log
+    assert report.talk_over_ms is not None and report.talk_over_ms <= 240
+    assert report.stop_after_onset_ms is not None and report.stop_after_onset_ms <= 240
+
+
+async def test_a_simulated_call_leaves_its_records(settings, mock_clock):
+    report = await simulate_call(settings, call_sid="CA" + "7" * 32)
+    assert report.talk_over_ms is not None
+    database = open_database(settings.database_url)
+    with database.bind_ctx([Call, CallEvent, TranscriptTurn]):
+        call = Call.get(Call.call_sid == "CA" + "7" * 32)
+        assert call.ended_at is not None and call.end_reason == "carrier_stop"
+        kinds = [event.kind for event in CallEvent.select().where(CallEvent.call == call)]
+        assert kinds.count("first_utterance_end") == 1 and kinds.count("barge_in") == 1
+        turns = list(TranscriptTurn.select().where(TranscriptTurn.call == call).order_by(TranscriptTurn.id))
+        assert [turn.truncated for turn in turns[:2]] == [False, True]
+        assert 0 < turns[1].heard_ms < 14_000
+    database.close()
+
+
+async def test_ten_concurrent_calls_in_one_server_do_not_disturb_each_other(settings, mock_clock):
+    reports = []
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(serve, settings)
+
+        async def one_call(number: int) -> None:
+            phone, caller = SimulatedPhone(seed=number), StandardCall()
+            await run_phone_call("127.0.0.1", port, f"CA{number:032d}", caller, phone)
+            reports.append(measure(phone, caller))
+
+        async with trio.open_nursery() as calls:
+            for number in range(10):
+                calls.start_soon(one_call, number)
+        nursery.cancel_scope.cancel()
+    assert len(reports) == 10
+    assert all(not report.greeting_cleared for report in reports)
+    assert all(report.talk_over_ms is not None and report.talk_over_ms <= 240 for report in reports)
+    assert all(len(report.timeline.clear_times_s) == 1 for report in reports)

@@ -1,0 +1,187 @@
+"""The call path on the wire: a Realtime server we script, and Twilio frames good and bad."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+
+import pytest
+import trio
+import trio.testing
+from openai.types.realtime import RealtimeClientEvent
+from pydantic import TypeAdapter
+from trio_websocket import ConnectionClosed, open_websocket_url, serve_websocket
+
+from app.carriers import twilio
+from app.carriers.simulated_twilio import SimulatedPhone, post_voice_webhook, run_phone_call
+from app.server import serve
+from app.settings import Settings
+
+CLIENT_EVENTS = TypeAdapter(RealtimeClientEvent)
+
+
+@dataclass
+class ScriptedRealtimeServer:
+    """A Realtime endpoint that records what the call sends and says only what a test scripts."""
+
+    say_after_session_update: list[dict] = field(default_factory=list)
+    fail_first_connections: int = 0
+    requests: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+    received: list[dict] = field(default_factory=list)
+    closed_at: list[float] = field(default_factory=list)
+
+    async def handle(self, request) -> None:
+        headers = {name.decode().lower(): value.decode() for name, value in request.headers}
+        self.requests.append((request.path, headers))
+        fail_this_one = len(self.requests) <= self.fail_first_connections
+        socket = await request.accept()
+        try:
+            while True:
+                event = json.loads(await socket.get_message())
+                CLIENT_EVENTS.validate_python(event)
+                self.received.append(event)
+                if event["type"] == "session.update":
+                    for reply in self.say_after_session_update:
+                        await socket.send_message(json.dumps(reply))
+                    if fail_this_one:
+                        await socket.aclose(1011, "scripted failure")
+        except ConnectionClosed:
+            self.closed_at.append(trio.current_time())
+
+
+@pytest.fixture
+def mock_clock():
+    return trio.testing.MockClock(autojump_threshold=0)
+
+
+async def call_with(model: ScriptedRealtimeServer, tmp_path, script, *, calls: int = 1, **overrides):
+    """Serve with `model` as the OpenAI endpoint and place `calls` phone calls running `script`."""
+    phones = [SimulatedPhone(seed=number) for number in range(calls)]
+    async with trio.open_nursery() as nursery:
+        model_server = await nursery.start(serve_websocket, model.handle, "127.0.0.1", 0, None)
+        settings = Settings(
+            database_url=f"sqlite:///{tmp_path / 'calls.db'}", port=0, openai_api_key="sk-test",
+            realtime_url=f"ws://127.0.0.1:{model_server.port}/v1/realtime", **overrides)
+        port = await nursery.start(serve, settings)
+        async with trio.open_nursery() as call_nursery:
+            for number, phone in enumerate(phones):
+                call_nursery.start_soon(run_phone_call, "127.0.0.1", port, f"CA{number:032d}", script, phone)
+        await trio.sleep(1.5)  # the server's side of each call winds down after the phone's stop
+        nursery.cancel_scope.cancel()
+    return phones
+
+
+async def talk_for(seconds: float):
+    async def script(phone, elapsed_s):
+        await trio.sleep(seconds)
+    return script
+
+
+async def test_the_model_socket_is_opened_as_openai_expects_and_every_event_validates(tmp_path, mock_clock):
+    model = ScriptedRealtimeServer()
+    await call_with(model, tmp_path, await talk_for(1.0), realtime_model="gpt-realtime-2.1-mini")
+    path, headers = model.requests[0]
+    assert path == "/v1/realtime?model=gpt-realtime-2.1-mini"
+    assert headers["authorization"] == "Bearer sk-test"
+    assert "openai-beta" not in headers
+    types = [event["type"] for event in model.received]
+    assert types[:2] == ["session.update", "response.create"]
+    session = model.received[0]["session"]
+    assert session["audio"]["input"]["format"] == {"type": "audio/pcmu"}
+    assert session["audio"]["input"]["turn_detection"]["interrupt_response"] is False
+    assert session["audio"]["input"]["turn_detection"]["threshold"] == 0.82
+    # The greeting lock: while protected the model hears 20 ms of mu-law silence per inbound frame.
+    appended = [event["audio"] for event in model.received if event["type"] == "input_audio_buffer.append"]
+    assert len(appended) >= 45 and set(appended) == {"/" * 212 + "/w=="}
+
+
+async def test_the_model_socket_closes_within_one_second_of_hang_up(tmp_path, mock_clock):
+    model = ScriptedRealtimeServer()
+    hung_up_at = []
+
+    async def script(phone, elapsed_s):
+        await trio.sleep(1.0)
+        hung_up_at.append(trio.current_time())
+
+    await call_with(model, tmp_path, script)
+    assert len(model.closed_at) == 1
+    assert 0 <= model.closed_at[0] - hung_up_at[0] < 1.0
+
+
+async def test_unknown_and_error_events_from_the_model_are_logged_never_fatal(tmp_path, mock_clock, caplog):
+    caplog.set_level(logging.INFO, logger="callgate")
+    model = ScriptedRealtimeServer(say_after_session_update=[
+        {"type": "response.brand_new_event", "event_id": "event_1"},
+        {"type": "error", "event_id": "event_2", "error": {"type": "invalid_request_error",
+                                                           "code": "input_audio_buffer_commit_empty",
+                                                           "message": "buffer empty", "event_id": None}},
+        {"type": "response.created", "event_id": "event_3"},  # missing its response: invalid
+    ])
+    await call_with(model, tmp_path, await talk_for(1.0))
+    assert "unknown event type skipped type=response.brand_new_event" in caplog.text
+    assert "[MODEL_ERROR] buffer empty code=input_audio_buffer_commit_empty" in caplog.text
+    assert "bad event from model skipped" in caplog.text
+    assert "call ended reason=carrier_stop" in caplog.text
+
+
+async def test_a_lost_model_link_ends_only_its_own_call(tmp_path, mock_clock, caplog):
+    caplog.set_level(logging.INFO, logger="callgate")
+    failing_once = ScriptedRealtimeServer(fail_first_connections=1)
+    phones = await call_with(failing_once, tmp_path, await talk_for(1.0), calls=2)
+    assert caplog.text.count("model link lost, ending call") == 1
+    assert caplog.text.count("call ended reason=model_link_lost") == 1
+    assert caplog.text.count("call ended reason=carrier_stop") == 1
+    assert sum(any(what == "server hung up" for _, what in phone.timeline.events) for phone in phones) == 1
+    assert "Traceback" not in caplog.text
+
+
+async def test_bad_carrier_frames_are_logged_and_the_call_goes_on(tmp_path, mock_clock, caplog):
+    caplog.set_level(logging.INFO, logger="callgate")
+    model = ScriptedRealtimeServer()
+    async with trio.open_nursery() as nursery:
+        model_server = await nursery.start(serve_websocket, model.handle, "127.0.0.1", 0, None)
+        settings = Settings(database_url=f"sqlite:///{tmp_path / 'c.db'}", port=0, openai_api_key="sk-test",
+                            realtime_url=f"ws://127.0.0.1:{model_server.port}/v1/realtime",
+                            stream_token_secret="shared-secret")
+        port = await nursery.start(serve, settings)
+        call_sid = "CA" + "9" * 32
+        token = twilio.stream_token("shared-secret", call_sid)
+        async with open_websocket_url(f"ws://127.0.0.1:{port}/media/twilio") as socket:
+            await socket.send_message(json.dumps({"event": "start", "streamSid": "MZ1", "start": {
+                "streamSid": "MZ1", "callSid": call_sid, "customParameters": {"token": token}}}))
+            await socket.send_message("{not json")
+            await socket.send_message(b"\x00\x01")
+            await socket.send_message(json.dumps({"event": "media", "streamSid": "MZ1",
+                                                  "media": {"payload": "!!!not base64"}}))
+            await socket.send_message(json.dumps({"event": "media", "streamSid": "MZ1",
+                                                  "media": {"payload": "AAAA", "chunk": "1"}}))
+            await socket.send_message(json.dumps({"event": "dtmf", "streamSid": "MZ1", "dtmf": {"digit": "7"}}))
+            await trio.sleep(0.5)
+        await trio.sleep(0.5)
+        nursery.cancel_scope.cancel()
+    text = caplog.text
+    assert f"call={call_sid} [CARRIER] bad frame from carrier ignored why='malformed JSON" in text
+    assert f"call={call_sid} [CARRIER] binary frame from carrier ignored" in text
+    assert "bad 'media' frame" in text
+    assert f"call={call_sid} [INBOUND] inbound frame of unexpected size ignored bytes=3" in text
+    assert f"call={call_sid} [DTMF] caller pressed a key digit=7" in text
+    assert any(event["type"] == "conversation.item.create" for event in model.received)
+    assert "call ended reason=carrier_closed" in text
+
+
+async def test_a_stream_with_a_wrong_token_is_refused(tmp_path, mock_clock, caplog):
+    model = ScriptedRealtimeServer()
+    async with trio.open_nursery() as nursery:
+        model_server = await nursery.start(serve_websocket, model.handle, "127.0.0.1", 0, None)
+        settings = Settings(database_url=f"sqlite:///{tmp_path / 'c.db'}", port=0, openai_api_key="sk-test",
+                            realtime_url=f"ws://127.0.0.1:{model_server.port}/v1/realtime")
+        port = await nursery.start(serve, settings)
+        async with open_websocket_url(f"ws://127.0.0.1:{port}/media/twilio") as socket:
+            await socket.send_message(json.dumps({"event": "start", "streamSid": "MZ1", "start": {
+                "streamSid": "MZ1", "callSid": "CA1", "customParameters": {"token": "forged"}}}))
+            with pytest.raises(ConnectionClosed):
+                await socket.get_message()
+        nursery.cancel_scope.cancel()
+    assert model.requests == []
+    assert "call=CA1 [TWILIO] media stream with a bad or missing token refused" in caplog.text

@@ -1,0 +1,90 @@
+"""The one port: health, Twilio's voice webhook with its signature, WebSocket upgrades, unknown paths."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+from trio_websocket import HandshakeError, open_websocket_url
+
+from app.carriers import twilio
+from app.carriers.simulated_twilio import stream_from_twiml
+from app.server import serve
+from app.settings import Settings
+
+AUTH_TOKEN = "12345"
+PUBLIC_HOST = "calls.example.com"
+
+
+@pytest.fixture
+def mock_clock():
+    return trio.testing.MockClock(autojump_threshold=0)
+
+
+async def http(port: int, request: bytes) -> tuple[int, bytes]:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(request)
+        response = b""
+        while chunk := await stream.receive_some(65536):
+            response += chunk
+    head, _, body = response.partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), body
+
+
+def post(path: str, body: str, signature: str | None = None) -> bytes:
+    signature_header = f"X-Twilio-Signature: {signature}\r\n" if signature is not None else ""
+    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+            f"Content-Length: {len(body)}\r\n{signature_header}\r\n{body}").encode()
+
+
+async def with_server(tmp_path, test, **overrides):
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'h.db'}", port=0, public_host=PUBLIC_HOST, **overrides)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(serve, settings)
+        await test(port)
+        nursery.cancel_scope.cancel()
+
+
+async def test_health_and_unknown_routes(tmp_path, mock_clock):
+    async def check(port):
+        status, body = await http(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (status, body) == (200, b'{"status": "ok", "active_calls": 0}')
+        assert (await http(port, b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n"))[0] == 404
+        assert (await http(port, b"GET /twilio/voice HTTP/1.1\r\nHost: x\r\n\r\n"))[0] == 405
+        assert (await http(port, b"garbage\r\n\r\n"))[0] == 400
+        with pytest.raises(HandshakeError):
+            async with open_websocket_url(f"ws://127.0.0.1:{port}/media/other"):
+                pass
+    await with_server(tmp_path, check)
+
+
+async def test_the_voice_webhook_answers_twiml_with_a_per_call_token(tmp_path, mock_clock):
+    async def check(port):
+        status, body = await http(port, post("/twilio/voice", "CallSid=CA42&From=%2B15551234&To=%2B15559876"))
+        assert status == 200
+        path, parameters = stream_from_twiml(body.decode())
+        assert f'url="wss://{PUBLIC_HOST}/media/twilio"' in body.decode() and path == "/media/twilio"
+        assert twilio.stream_token_is_valid("shared", "CA42", parameters["token"])
+        assert parameters["from"] == "+15551234"
+        assert (await http(port, post("/twilio/voice", "From=%2B1555")))[0] == 400
+    await with_server(tmp_path, check, stream_token_secret="shared")
+
+
+async def test_a_webhook_without_a_valid_twilio_signature_is_refused(tmp_path, mock_clock):
+    form = {"CallSid": "CA42", "From": "+15551234"}
+    good = twilio.request_signature(AUTH_TOKEN, f"https://{PUBLIC_HOST}/twilio/voice", form)
+
+    async def check(port):
+        body = "CallSid=CA42&From=%2B15551234"
+        assert (await http(port, post("/twilio/voice", body)))[0] == 403
+        assert (await http(port, post("/twilio/voice", body, signature="AAAA")))[0] == 403
+        assert (await http(port, post("/twilio/voice", body, signature=good)))[0] == 200
+        with pytest.raises(HandshakeError):
+            async with open_websocket_url(f"ws://127.0.0.1:{port}/media/twilio"):
+                pass
+        upgrade_signature = twilio.request_signature(AUTH_TOKEN, f"wss://{PUBLIC_HOST}/media/twilio", {})
+        async with open_websocket_url(f"ws://127.0.0.1:{port}/media/twilio",
+                                      extra_headers=[(b"X-Twilio-Signature", upgrade_signature.encode())]):
+            pass
+    await with_server(tmp_path, check, twilio_auth_token=AUTH_TOKEN)

@@ -1,0 +1,75 @@
+"""Twilio Media Streams frames in and out, and the webhook's security, without sockets."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+
+from app.carriers import twilio
+from app.carriers.simulated_twilio import stream_from_twiml
+
+
+def test_every_inbound_event_parses_to_its_type():
+    payload = bytes(range(160))
+    frames = {
+        '{"event":"connected","protocol":"Call","version":"1.0.0"}': twilio.Connected("Call"),
+        json.dumps({"event": "start", "sequenceNumber": "1", "streamSid": "MZ1", "start": {
+            "accountSid": "AC1", "streamSid": "MZ1", "callSid": "CA1", "tracks": ["inbound"],
+            "customParameters": {"token": "t"},
+            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}}):
+            twilio.Start("MZ1", "CA1", {"token": "t"}, "audio/x-mulaw", 8000),
+        json.dumps({"event": "media", "sequenceNumber": "3", "streamSid": "MZ1", "media": {
+            "track": "inbound", "chunk": "2", "timestamp": "40",
+            "payload": base64.b64encode(payload).decode()}}): twilio.Media(payload, 40, 2),
+        '{"event":"mark","sequenceNumber":"4","streamSid":"MZ1","mark":{"name":"r1:12"}}': twilio.Mark("r1:12"),
+        '{"event":"dtmf","streamSid":"MZ1","dtmf":{"track":"inbound_track","digit":"1"}}': twilio.Dtmf("1"),
+        '{"event":"stop","streamSid":"MZ1","stop":{"accountSid":"AC1","callSid":"CA1"}}': twilio.Stop("CA1"),
+    }
+    for text, expected in frames.items():
+        assert twilio.parse(text) == expected
+
+
+@pytest.mark.parametrize("text, complaint", [
+    ("{nope", "malformed JSON"),
+    ("[1, 2]", "not a JSON object"),
+    ('{"event":"hangup"}', "unknown carrier event 'hangup'"),
+    ('{"event":"media","media":{"payload":"***"}}', "bad 'media' frame"),
+    ('{"event":"start","start":{}}', "bad 'start' frame"),
+    ('{"event":"mark"}', "bad 'mark' frame"),
+])
+def test_bad_frames_raise_a_clear_protocol_error(text, complaint):
+    with pytest.raises(twilio.CarrierProtocolError, match=complaint):
+        twilio.parse(text)
+
+
+def test_outbound_frames_are_twilios():
+    assert json.loads(twilio.media("MZ1", b"\xff\x7f")) == {
+        "event": "media", "streamSid": "MZ1", "media": {"payload": "/38="}}
+    assert json.loads(twilio.mark("MZ1", "resp_1:3")) == {"event": "mark", "streamSid": "MZ1", "mark": {"name": "resp_1:3"}}
+    assert json.loads(twilio.clear("MZ1")) == {"event": "clear", "streamSid": "MZ1"}
+
+
+def test_request_signature_matches_twilios_documented_vector():
+    params = {"CallSid": "CA1234567890ABCDE", "Caller": "+12349013030", "Digits": "1234",
+              "From": "+12349013030", "To": "+18005551212"}
+    url = "https://mycompany.com/myapp.php?foo=1&bar=2"
+    assert twilio.request_signature("12345", url, params) == "0/KCTR6DLpKmkAf8muzZqo1nDgQ="
+    assert twilio.signature_is_valid("12345", url, params, "0/KCTR6DLpKmkAf8muzZqo1nDgQ=")
+    assert not twilio.signature_is_valid("12345", url, {**params, "Digits": "9"}, "0/KCTR6DLpKmkAf8muzZqo1nDgQ=")
+
+
+def test_twiml_connects_a_wss_stream_without_a_query_string_and_passes_parameters():
+    twiml = twilio.twiml_connect_stream("wss://calls.example.com/media/twilio", {"token": 'a"<b', "from": "+1555"})
+    path, parameters = stream_from_twiml(twiml)
+    assert 'url="wss://calls.example.com/media/twilio"' in twiml
+    assert path == "/media/twilio"
+    assert parameters == {"token": 'a"<b', "from": "+1555"}
+
+
+def test_stream_tokens_are_bound_to_their_call():
+    token = twilio.stream_token("secret", "CA1")
+    assert twilio.stream_token_is_valid("secret", "CA1", token)
+    assert not twilio.stream_token_is_valid("secret", "CA2", token)
+    assert not twilio.stream_token_is_valid("other", "CA1", token)
