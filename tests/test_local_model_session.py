@@ -277,6 +277,15 @@ def test_truncate_within_the_generated_audio_shortens_the_transcript():
     assert len(heard) < len(CLIP_TRANSCRIPTS["bot_greeting_en.wav"]) / 2
 
 
+def test_truncate_of_an_item_still_being_generated_asks_for_a_cancel_first():
+    session = new_session()
+    _, _, item_id = start_response(session)
+    truncate = {"type": "conversation.item.truncate", "item_id": item_id, "content_index": 0, "audio_end_ms": 100}
+    assert "cancel its response" in single_error(session.receive(client(truncate)))["message"]
+    session.receive(client({"type": "response.cancel"}))
+    assert session.receive(client(truncate))[0]["type"] == "conversation.item.truncated"
+
+
 def test_truncate_beyond_the_generated_audio_is_an_error():
     session = new_session()
     _, response_id, item_id = start_response(session)
@@ -301,8 +310,10 @@ def test_delete_removes_an_item_once():
     session = new_session()
     _, _, item_id = start_response(session)
     session.receive(client({"type": "response.cancel"}))
+    [retrieved] = session.receive(client({"type": "conversation.item.retrieve", "item_id": item_id}))
+    assert retrieved["item"]["status"] == "incomplete"
     [deleted] = session.receive(client({"type": "conversation.item.delete", "item_id": item_id}))
-    validate_all([deleted])
+    validate_all([retrieved, deleted])
     assert deleted["item_id"] == item_id
     error = single_error(session.receive(client({"type": "conversation.item.delete", "item_id": item_id})))
     assert error["param"] == "item_id"

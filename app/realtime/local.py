@@ -41,8 +41,10 @@ CLIP_TRANSCRIPTS = {
     ),
 }
 FALLBACK_TRANSCRIPT = "Thanks for your question. Let me help you with that right away."
-# Events too frequent for one INFO line each: audio in and audio out.
-_QUIET_EVENT_TYPES = frozenset({"input_audio_buffer.append", "response.output_audio.delta"})
+# Events too frequent for one INFO line each: audio in, audio and transcript out.
+_QUIET_EVENT_TYPES = frozenset(
+    {"input_audio_buffer.append", "response.output_audio.delta", "response.output_audio_transcript.delta"}
+)
 _LOGGED_FIELDS = ("response_id", "item_id", "audio_start_ms", "audio_end_ms", "previous_item_id")
 
 

@@ -155,9 +155,8 @@ class LocalSession:
         return self._input_resampler.process(np.frombuffer(payload, dtype="<i2"))
 
     def _speech_started(self, onset_ms: int) -> list[dict]:
-        self.speech_item_id = new_id("item")
+        item_id = self.speech_item_id = new_id("item")
         audio_start_ms = max(onset_ms - self.turn_detection["prefix_padding_ms"], self.buffer_start_ms)
-        item_id = self.speech_item_id
         events = [server_event("input_audio_buffer.speech_started", audio_start_ms=audio_start_ms, item_id=item_id)]
         if self.turn_detection["interrupt_response"] and self.response is not None:
             events += self._end_response("cancelled", "turn_detected")
@@ -269,6 +268,9 @@ class LocalSession:
 
     def _item_truncate(self, event: typing.Any, message: dict) -> list[dict]:
         self._require_item(event.item_id)
+        if self.response is not None and event.item_id == self.response.item_id:
+            explanation = f"Item '{event.item_id}' is still being generated: cancel its response before truncating it."
+            raise Refusal(explanation, code="invalid_value", param="item_id")
         if event.item_id not in self.assistant_audio:
             raise Refusal("Only model output audio messages can be truncated.", code="invalid_value", param="item_id")
         if event.content_index != 0:
@@ -282,8 +284,9 @@ class LocalSession:
                 param="audio_end_ms",
             )
         self.assistant_audio[event.item_id] = (answer, event.audio_end_ms)
-        heard_transcript = answer.transcript_heard(event.audio_end_ms)
-        self.items[event.item_id]["content"] = [{"type": "output_audio", "transcript": heard_transcript}]
+        heard_content = [{"type": "output_audio", "transcript": answer.transcript_heard(event.audio_end_ms)}]
+        # A new dict, not an edit: events already queued may hold the old one.
+        self.items[event.item_id] = {**self.items[event.item_id], "content": heard_content}
         return [
             server_event(
                 "conversation.item.truncated",
