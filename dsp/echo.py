@@ -1,67 +1,50 @@
 """Echo gates: decide whether an inbound frame is the caller's voice or the bot's own echo.
 
-`RmsEchoGate` is the seed's rule. `ReferenceEchoGate` compares the inbound energy with the echo
-predicted from the audio played to the caller (Geigel-style double-talk detection on energies):
-it finds the echo delay by cross-correlating energy envelopes, measures the echo return loss at
-that delay, and accepts a frame only when its energy clearly exceeds the predicted echo.
+`RmsEchoGate` is the seed's rule. `ReferenceEchoGate` compares the inbound energy with what the
+line would carry without the caller: the echo predicted from the audio played to the caller, plus
+the line's noise floor (Geigel-style double-talk detection on energies). It finds the echo delay
+by cross-correlating energy envelopes, measures the echo return loss at that delay, and accepts a
+frame only when its energy clearly exceeds both.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
+
+from dsp.level import NoiseFloorTracker
 
 FRAME_SAMPLES = 160
 BLOCK_SAMPLES = 40
 BLOCKS_PER_FRAME = FRAME_SAMPLES // BLOCK_SAMPLES
 BLOCK_MS = 5.0
 GATE_MODES = ("reference", "rms")
+ENVELOPE_FLOOR_ENERGY = 100.0
+"""Added to block energies before taking logs: 20 dB below the quietest line noise worth tracking."""
+
+_BLOCK_STARTS = np.arange(0, 2 * FRAME_SAMPLES, BLOCK_SAMPLES)
 
 
-class _BlockHistory:
-    """The latest `capacity` per-block values, readable oldest-first as one contiguous view.
-
-    Every value is written twice, `capacity` apart, so the last `capacity` values are always
-    one slice: no copy and no wrap-around on the per-frame path. Values arrive a frame at a time,
-    so the capacity is rounded up to whole frames.
-    """
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = -(-capacity // BLOCKS_PER_FRAME) * BLOCKS_PER_FRAME
-        self.values = np.zeros(2 * self.capacity)
-        self.next_index = 0
-
-    def push(self, new_values: np.ndarray) -> None:
-        end = self.next_index + len(new_values)
-        self.values[self.next_index:end] = new_values
-        self.values[self.next_index + self.capacity:end + self.capacity] = new_values
-        self.next_index = end % self.capacity
-
-    def latest(self) -> np.ndarray:
-        """All `capacity` values, oldest first."""
-        return self.values[self.next_index:self.next_index + self.capacity]
-
-
-_BLOCK_STARTS = np.arange(0, FRAME_SAMPLES, BLOCK_SAMPLES)
-
-
-def block_energies(frame: np.ndarray) -> np.ndarray:
-    """Mean square of each 5 ms block of a 20 ms int16 frame (float64, int16 scale squared)."""
-    energies = np.add.reduceat(np.square(frame, dtype=np.float64), _BLOCK_STARTS)
+def block_energies(samples: np.ndarray) -> np.ndarray:
+    """Mean square of each 5 ms block of int16 samples (one or two 20 ms frames), on the int16 scale squared."""
+    if len(samples) % BLOCK_SAMPLES or len(samples) > len(_BLOCK_STARTS) * BLOCK_SAMPLES:
+        raise ValueError(f"expected one or two 20 ms frames ({FRAME_SAMPLES} samples each), got {len(samples)}")
+    energies = np.add.reduceat(np.square(samples, dtype=np.float64), _BLOCK_STARTS[: len(samples) // BLOCK_SAMPLES])
     energies *= 1.0 / BLOCK_SAMPLES
     return energies
 
 
 class _EnergyGate:
-    """Shared entry point: both gates decide on per-block energies of the near and far frames."""
+    """Shared entry point: both gates decide on the per-block energies of the near and far frames."""
 
     def accepts(self, near: np.ndarray, far: np.ndarray, bot_audible: bool) -> bool:
         """True when the inbound 20 ms frame `near` counts as the caller's voice; `far` is what played meanwhile."""
-        return self.accepts_energies(block_energies(near), block_energies(far), bot_audible)
+        return self.accepts_energies(block_energies(near).tolist(), block_energies(far).tolist(), bot_audible)
 
     def accepts_energies(
-        self, near_block_energies: np.ndarray, far_block_energies: np.ndarray, bot_audible: bool
+        self, near_block_energies: Sequence[float], far_block_energies: Sequence[float], bot_audible: bool
     ) -> bool:
         raise NotImplementedError
 
@@ -74,10 +57,10 @@ class RmsEchoGate(_EnergyGate):
         self.min_energy = min_rms**2
 
     def accepts_energies(
-        self, near_block_energies: np.ndarray, far_block_energies: np.ndarray, bot_audible: bool
+        self, near_block_energies: Sequence[float], far_block_energies: Sequence[float], bot_audible: bool
     ) -> bool:
         """The seed's rule on the frame's mean square; the far end is not used."""
-        return not bot_audible or sum(near_block_energies.tolist()) / BLOCKS_PER_FRAME >= self.min_energy
+        return not bot_audible or sum(near_block_energies) / BLOCKS_PER_FRAME >= self.min_energy
 
 
 def estimate_echo_path(
@@ -91,13 +74,14 @@ def estimate_echo_path(
     """
     window_blocks = len(near_envelope)
     max_lag_blocks = len(far_envelope) - window_blocks
-    near_amplitude = np.sqrt(near_envelope)
-    far_amplitude = np.sqrt(far_envelope)
+    # Log envelopes: a loud burst on the line (a click, a cough) must not outweigh seconds of echo.
+    near_amplitude = np.log(near_envelope + ENVELOPE_FLOOR_ENERGY)
+    far_amplitude = np.log(far_envelope + ENVELOPE_FLOOR_ENERGY)
     near_centered = near_amplitude - near_amplitude.sum() / window_blocks
     near_power = float(np.dot(near_centered, near_centered))
     # Entry j of each per-window array is the far end delayed by (max_lag_blocks - j) blocks.
     sums = np.cumsum(np.concatenate(([0.0], far_amplitude)))
-    sums_of_squares = np.cumsum(np.concatenate(([0.0], far_envelope)))
+    sums_of_squares = np.cumsum(np.concatenate(([0.0], far_amplitude**2)))
     window_sums = sums[window_blocks:] - sums[:-window_blocks]
     window_powers = sums_of_squares[window_blocks:] - sums_of_squares[:-window_blocks] - window_sums**2 / window_blocks
     if near_power <= 0.0 or window_powers.max() <= 0.0:
@@ -112,17 +96,32 @@ def estimate_echo_path(
     far_active = aligned_far > 0.05 * aligned_far.max()
     if np.count_nonzero(far_active) < 0.2 * window_blocks:
         return None
-    echo_gain = float(np.median(near_envelope[far_active] / aligned_far[far_active]))
+    ratios = np.sort(near_envelope[far_active] / aligned_far[far_active])
+    # The median ratio: robust to the caller's bursts, and a sort is far cheaper than np.median here.
+    echo_gain = float(ratios[len(ratios) // 2])
     return max_lag_blocks - best_row, echo_gain
 
 
+def _frame_means(recent_blocks: list[float], new_blocks: Sequence[float]) -> list[float]:
+    """Mean energy over the 20 ms ending at each new block, given the 3 blocks just before them."""
+    joined = [*recent_blocks, *new_blocks]
+    total = joined[0] + joined[1] + joined[2]
+    means = []
+    for index, energy in enumerate(new_blocks):
+        total += energy
+        means.append(total / BLOCKS_PER_FRAME)
+        total -= joined[index]
+    return means
+
+
 class ReferenceEchoGate(_EnergyGate):
-    """Accepts a frame only when its energy clearly exceeds the echo predicted from the far end.
+    """Accepts a frame only when its energy clearly exceeds the echo predicted from the far end, and the noise.
 
     Until the echo path is measured it assumes the worst case of G.168 (6 dB return loss) at any
     delay up to `max_delay_ms`. While an echo is predicted the frame must also reach `min_rms`.
-    With no far-end audio in that span nothing can echo, so every frame is accepted, as the rms
-    rule does when the bot is silent: the reference tells more than `bot_audible`, which is unused.
+    With no far-end audio in that span nothing can echo: then the rule is only "clearly above the
+    line noise", which the caller's speech always is. The reference tells more than `bot_audible`,
+    which is unused.
     """
 
     def __init__(
@@ -131,9 +130,10 @@ class ReferenceEchoGate(_EnergyGate):
         max_delay_ms: float = 300.0,
         default_echo_return_loss_db: float = 6.0,
         margin_db: float = 4.0,
+        noise_margin_db: float = 6.0,
         delay_spread_ms: float = 10.0,
         window_ms: float = 1000.0,
-        estimate_every_frames: int = 10,
+        estimate_every_frames: int = 20,
         min_correlation: float = 0.6,
     ) -> None:
         self.min_energy = min_rms**2
@@ -143,15 +143,19 @@ class ReferenceEchoGate(_EnergyGate):
         self.estimate_every_frames = estimate_every_frames
         self.min_correlation = min_correlation
         self.margin = 10.0 ** (margin_db / 10.0)
+        self.noise_margin = 10.0 ** (noise_margin_db / 10.0)
         self.echo_gain = 10.0 ** (-default_echo_return_loss_db / 10.0)
         self.echo_delay_blocks: int | None = None
+        self.last_echo_path: tuple[int, float] | None = None
+        self.noise_floor = NoiseFloorTracker()
         self.frames_until_estimate = estimate_every_frames
-        history_blocks = self.window_blocks + self.max_delay_blocks + self.spread_blocks + BLOCKS_PER_FRAME
+        self.history_blocks = self.window_blocks + self.max_delay_blocks + self.spread_blocks + BLOCKS_PER_FRAME
         # Energies averaged over the 20 ms ending at each block: one near frame against what it can echo.
-        self.near_frames = _BlockHistory(self.window_blocks)
-        self.far_frames = _BlockHistory(history_blocks)
+        self.near_frames: list[float] = [0.0] * self.history_blocks
+        self.far_frames: list[float] = [0.0] * self.history_blocks
         self.recent_near_blocks = [0.0] * (BLOCKS_PER_FRAME - 1)
         self.recent_far_blocks = [0.0] * (BLOCKS_PER_FRAME - 1)
+        self.blocks_since_far_audio = self.history_blocks
 
     @property
     def echo_return_loss_db(self) -> float:
@@ -162,24 +166,35 @@ class ReferenceEchoGate(_EnergyGate):
         return None if self.echo_delay_blocks is None else self.echo_delay_blocks * BLOCK_MS
 
     def accepts_energies(
-        self, near_block_energies: np.ndarray, far_block_energies: np.ndarray, bot_audible: bool
+        self, near_block_energies: Sequence[float], far_block_energies: Sequence[float], bot_audible: bool
     ) -> bool:
-        """True when the near frame is louder than the echo the far end could cause, by the margin."""
-        near_frames = _frame_means(self.recent_near_blocks, near_block_energies.tolist())
-        far_frames = _frame_means(self.recent_far_blocks, far_block_energies.tolist())
-        self.recent_near_blocks = near_block_energies.tolist()[1:]
-        self.recent_far_blocks = far_block_energies.tolist()[1:]
-        self.near_frames.push(near_frames)
-        self.far_frames.push(far_frames)
+        """True when the near frame is louder, by the margins, than the echo the far end can cause and the noise."""
+        self._push(near_block_energies, far_block_energies)
+        near_energy = self.near_frames[-1]
+        noise_energy = self.noise_floor.update(math.sqrt(near_energy)) ** 2
+        if near_energy <= self.noise_margin * noise_energy:
+            return False
+        if self.blocks_since_far_audio > self.max_delay_blocks + self.spread_blocks + BLOCKS_PER_FRAME:
+            return True
+        predicted_echo = self.echo_gain * self._loudest_far_frame()
+        return near_energy >= self.min_energy and near_energy > self.margin * predicted_echo
+
+    def _push(self, near_block_energies: Sequence[float], far_block_energies: Sequence[float]) -> None:
+        self.near_frames += _frame_means(self.recent_near_blocks, near_block_energies)
+        self.far_frames += _frame_means(self.recent_far_blocks, far_block_energies)
+        self.recent_near_blocks = list(near_block_energies[1:])
+        self.recent_far_blocks = list(far_block_energies[1:])
+        # Trim in bulk now and then rather than every frame: amortised O(1) on the per-frame path.
+        if len(self.near_frames) > 2 * self.history_blocks:
+            del self.near_frames[: -self.history_blocks]
+            del self.far_frames[: -self.history_blocks]
+        far_audible = any(energy > 0.0 for energy in far_block_energies)
+        self.blocks_since_far_audio = 0 if far_audible else self.blocks_since_far_audio + BLOCKS_PER_FRAME
         self.frames_until_estimate -= 1
         if self.frames_until_estimate <= 0:
             self.frames_until_estimate = self.estimate_every_frames
-            self._estimate()
-        predicted_echo = self.echo_gain * self._loudest_far_frame()
-        if predicted_echo <= 0.0:
-            return True
-        near_energy = near_frames[-1]
-        return near_energy >= self.min_energy and near_energy > self.margin * predicted_echo
+            if self.blocks_since_far_audio < self.window_blocks:
+                self._estimate()
 
     def _loudest_far_frame(self) -> float:
         """The loudest far-end 20 ms within the delays the echo may currently have."""
@@ -188,23 +203,18 @@ class ReferenceEchoGate(_EnergyGate):
         else:
             shortest = max(0, self.echo_delay_blocks - self.spread_blocks)
             longest = self.echo_delay_blocks + self.spread_blocks
-        history = self.far_frames.latest()
-        end = len(history) - shortest
-        return float(history[end - (longest - shortest) - 1:end].max())
+        end = len(self.far_frames) - shortest
+        return max(self.far_frames[end - (longest - shortest) - 1:end])
 
     def _estimate(self) -> None:
-        far_envelope = self.far_frames.latest()[-(self.window_blocks + self.max_delay_blocks):]
-        if far_envelope[-1] <= 0.0 and far_envelope.max() <= 0.0:
-            return
-        echo_path = estimate_echo_path(self.near_frames.latest(), far_envelope, self.min_correlation)
-        if echo_path is not None:
-            self.echo_delay_blocks, self.echo_gain = echo_path
-
-
-def _frame_means(recent_blocks: list[float], new_blocks: list[float]) -> list[float]:
-    """Mean over the 20 ms ending at each new block, given the blocks just before them."""
-    joined = recent_blocks + new_blocks
-    return [sum(joined[i:i + BLOCKS_PER_FRAME]) / BLOCKS_PER_FRAME for i in range(len(new_blocks))]
+        far_envelope = np.array(self.far_frames[-(self.window_blocks + self.max_delay_blocks):])
+        near_envelope = np.array(self.near_frames[-self.window_blocks:])
+        echo_path = estimate_echo_path(near_envelope, far_envelope, self.min_correlation)
+        previous, self.last_echo_path = self.last_echo_path, echo_path
+        # Adopt a path only when two estimates in a row agree on the delay, with the louder echo of the two.
+        if echo_path is not None and previous is not None and abs(echo_path[0] - previous[0]) <= self.spread_blocks:
+            self.echo_delay_blocks = echo_path[0]
+            self.echo_gain = max(echo_path[1], previous[1])
 
 
 def make_echo_gate(mode: str, min_rms: float) -> RmsEchoGate | ReferenceEchoGate:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dsp.echo import block_energies, make_echo_gate
+from dsp.echo import BLOCKS_PER_FRAME, block_energies, make_echo_gate
 from dsp.g711 import ulaw_decode
 from dsp.vad import FrameVad, VoiceOnset
 
@@ -48,12 +48,12 @@ class InboundFrameAnalyzer:
         pcm = ulaw_decode(np.frombuffer(payload, dtype=np.uint8))
         if far is not None and len(far) != INBOUND_FRAME_BYTES:
             raise ValueError(f"the far-end frame must be {INBOUND_FRAME_BYTES} int16 samples (20 ms), got {len(far)}")
-        # The gate decides on the block energies this path needs for the RMS anyway.
-        near_energies = block_energies(pcm)
-        far_energies = block_energies(_SILENT_FAR if far is None else far)
-        passes_gate = self.gate.accepts_energies(near_energies, far_energies, bot_audible)
+        # One pass over near and far together: the gate and the RMS share these block energies.
+        energies = block_energies(np.concatenate((pcm, _SILENT_FAR if far is None else far))).tolist()
+        near_energies = energies[:BLOCKS_PER_FRAME]
+        passes_gate = self.gate.accepts_energies(near_energies, energies[BLOCKS_PER_FRAME:], bot_audible)
         voiced = self.vad.is_voiced(pcm)
         onset = self.voice_onset.update(voiced and passes_gate, now_ms)
         return FrameAnalysis(
-            pcm=pcm, rms=math.sqrt(float(near_energies.mean())), voiced=voiced, passes_gate=passes_gate, onset=onset
+            pcm=pcm, rms=math.sqrt(sum(near_energies) / BLOCKS_PER_FRAME), voiced=voiced, passes_gate=passes_gate, onset=onset
         )
