@@ -174,7 +174,7 @@ class SessionConnection:
 
     def _log_received(self, message: str | bytes) -> None:
         try:
-            event_type = json.loads(message).get("type")
+            event_type = str(json.loads(message).get("type"))
         except (ValueError, AttributeError):
             event_type = "(not a JSON object)"
         level = logging.DEBUG if event_type in _QUIET_EVENT_TYPES else logging.INFO
