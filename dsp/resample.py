@@ -45,6 +45,8 @@ class StreamingResampler:
     def process(self, samples: np.ndarray) -> np.ndarray:
         """Resample the next chunk of int16 samples; returns the int16 output it completes."""
         chunk = np.asarray(samples, dtype=np.int16)
+        if len(chunk) == 0:
+            return np.zeros(0, dtype=np.int16)
         taps_per_phase = self.phase_taps.shape[1]
         buffered = np.concatenate((self.history, chunk))
         chunk_positions = len(chunk) * self.up

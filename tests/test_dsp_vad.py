@@ -1,0 +1,80 @@
+"""webrtcvad framing on the real clips, and the debounced onset detector."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dsp.vad import FrameVad, VoiceOnset
+
+
+def frames(samples: np.ndarray) -> np.ndarray:
+    count = len(samples) // 160
+    return samples[: count * 160].reshape(count, 160)
+
+
+def voiced_fraction(vad: FrameVad, samples: np.ndarray) -> float:
+    return float(np.mean([vad.is_voiced(frame) for frame in frames(samples)]))
+
+
+@pytest.mark.parametrize("clip", ["caller_question_en.wav", "caller_interrupt_he.wav", "bot_greeting_en.wav"])
+def test_speech_clips_are_mostly_voiced(speech_clip, clip):
+    assert voiced_fraction(FrameVad(2), speech_clip(clip)) > 0.6
+
+
+@pytest.mark.parametrize("aggressiveness", [0, 1, 2, 3])
+def test_silence_is_never_voiced(aggressiveness):
+    assert voiced_fraction(FrameVad(aggressiveness), np.zeros(8000, dtype=np.int16)) == 0.0
+
+
+def test_white_noise_is_rarely_voiced_at_the_default_aggressiveness():
+    noise = np.random.default_rng(7).normal(0, 300, 16000).astype(np.int16)
+    assert voiced_fraction(FrameVad(2), noise) < 0.1
+
+
+def test_bad_frames_and_settings_are_refused_clearly():
+    with pytest.raises(ValueError, match="10, 20 or 30 ms"):
+        FrameVad(2).is_voiced(np.zeros(100, dtype=np.int16))
+    with pytest.raises(ValueError, match="aggressiveness"):
+        FrameVad(4)
+    with pytest.raises(ValueError, match="sample rate"):
+        FrameVad(2, sample_rate_hz=11025)
+
+
+def feed(onset: VoiceOnset, verdicts: str, start_ms: float = 0.0) -> list[float]:
+    """Feed 'v' (qualifying) and '.' frames 20 ms apart; return the times at which it fired."""
+    fired = []
+    for index, verdict in enumerate(verdicts):
+        now_ms = start_ms + 20.0 * index
+        if onset.update(verdict == "v", now_ms):
+            fired.append(now_ms)
+    return fired
+
+
+def test_fires_exactly_on_the_sixth_consecutive_voiced_frame():
+    assert feed(VoiceOnset(6, 350), "vvvvvv") == [100.0]
+    assert feed(VoiceOnset(6, 350), "vvvvv") == []
+
+
+def test_a_gap_restarts_the_count():
+    assert feed(VoiceOnset(6, 350), "vvvvv.vvvvv") == []
+    assert feed(VoiceOnset(6, 350), "vvvvv.vvvvvv") == [220.0]
+
+
+def test_continuous_voice_fires_once_per_debounce_plus_a_fresh_run():
+    # Fires at 100 ms; rests until 450 ms; the fresh run is frames 460..560 ms.
+    assert feed(VoiceOnset(6, 350), "v" * 40) == [100.0, 560.0]
+
+
+def test_rearms_exactly_when_the_debounce_has_passed():
+    onset = VoiceOnset(voice_frames=2, debounce_ms=100)
+    assert onset.update(True, 0.0) is False
+    assert onset.update(True, 20.0) is True
+    assert onset.update(True, 119.0) is False
+    assert onset.update(True, 120.0) is False
+    assert onset.update(True, 140.0) is True
+
+
+def test_voice_frames_must_be_positive():
+    with pytest.raises(ValueError, match="voice_frames"):
+        VoiceOnset(voice_frames=0)
