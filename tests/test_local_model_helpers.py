@@ -9,12 +9,15 @@ from openai.types.realtime import RealtimeClientEvent, RealtimeServerEvent
 from pydantic import TypeAdapter
 
 from app.clips import load_clip
+from app.realtime.local import LocalRealtimeModel
+from app.realtime.local_session import LocalSession
 from dsp.g711 import ulaw_encode
 
 SERVER_EVENTS = TypeAdapter(RealtimeServerEvent)
 CLIENT_EVENTS = TypeAdapter(RealtimeClientEvent)
 FRAME_BYTES = 160
 SILENCE_CODE = 0xFF
+MODEL = LocalRealtimeModel()
 
 
 def client(event: dict) -> str:
@@ -96,3 +99,39 @@ async def receive_until(websocket, last_type: str, seen: list[dict]) -> list[dic
         received.append(event)
         seen.append(event)
     return received
+
+
+def new_session(**update) -> LocalSession:
+    session = MODEL.new_session()
+    session.open()
+    session.receive(pcmu_session_update(**update))
+    return session
+
+
+def speak(session: LocalSession, pcmu: bytes) -> list[dict]:
+    return [event for message in appends(pcmu) for event in session.receive(message)]
+
+
+def stream_to_end(session: LocalSession) -> list[dict]:
+    events = []
+    while session.active_response_id is not None:
+        events += session.stream_step()
+    return events
+
+
+def start_response(session: LocalSession) -> tuple[list[dict], str, str]:
+    """Create a response and stream two deltas of it; returns the events, response id and item id."""
+    events = session.receive(client({"type": "response.create"}))
+    events += session.stream_step() + session.stream_step()
+    created = of_type(events, "response.created")[0]
+    item = of_type(events, "response.output_item.added")[0]["item"]
+    return events, created["response"]["id"], item["id"]
+
+
+def user_text(text: str) -> dict:
+    return {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
+
+
+def single_error(events: list[dict]) -> dict:
+    assert [event["type"] for event in events] == ["error"]
+    return events[0]["error"]
