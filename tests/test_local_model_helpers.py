@@ -1,4 +1,4 @@
-"""Shared pieces of the local model tests: the SDK's event schemas and ready-made client events."""
+"""Shared pieces of the local model tests: the SDK event schemas, ready-made client events, session drivers."""
 
 from __future__ import annotations
 
