@@ -102,7 +102,7 @@ def estimate_echo_path(
     return max_lag_blocks - best_row, echo_gain
 
 
-def _frame_means(recent_blocks: list[float], new_blocks: Sequence[float]) -> list[float]:
+def _frame_means(recent_blocks: Sequence[float], new_blocks: Sequence[float]) -> list[float]:
     """Mean energy over the 20 ms ending at each new block, given the 3 blocks just before them."""
     joined = [*recent_blocks, *new_blocks]
     total = joined[0] + joined[1] + joined[2]
@@ -153,8 +153,8 @@ class ReferenceEchoGate(_EnergyGate):
         # Energies averaged over the 20 ms ending at each block: one near frame against what it can echo.
         self.near_frames: list[float] = [0.0] * self.history_blocks
         self.far_frames: list[float] = [0.0] * self.history_blocks
-        self.recent_near_blocks = [0.0] * (BLOCKS_PER_FRAME - 1)
-        self.recent_far_blocks = [0.0] * (BLOCKS_PER_FRAME - 1)
+        self.recent_near_blocks: Sequence[float] = [0.0] * (BLOCKS_PER_FRAME - 1)
+        self.recent_far_blocks: Sequence[float] = [0.0] * (BLOCKS_PER_FRAME - 1)
         self.blocks_since_far_audio = self.history_blocks
 
     @property
@@ -182,13 +182,13 @@ class ReferenceEchoGate(_EnergyGate):
     def _push(self, near_block_energies: Sequence[float], far_block_energies: Sequence[float]) -> None:
         self.near_frames += _frame_means(self.recent_near_blocks, near_block_energies)
         self.far_frames += _frame_means(self.recent_far_blocks, far_block_energies)
-        self.recent_near_blocks = list(near_block_energies[1:])
-        self.recent_far_blocks = list(far_block_energies[1:])
+        self.recent_near_blocks = near_block_energies[1:]
+        self.recent_far_blocks = far_block_energies[1:]
         # Trim in bulk now and then rather than every frame: amortised O(1) on the per-frame path.
         if len(self.near_frames) > 2 * self.history_blocks:
             del self.near_frames[: -self.history_blocks]
             del self.far_frames[: -self.history_blocks]
-        far_audible = any(energy > 0.0 for energy in far_block_energies)
+        far_audible = max(far_block_energies) > 0.0
         self.blocks_since_far_audio = 0 if far_audible else self.blocks_since_far_audio + BLOCKS_PER_FRAME
         self.frames_until_estimate -= 1
         if self.frames_until_estimate <= 0:
