@@ -25,6 +25,8 @@ def migrate_command(database_url: str, *, list_only: bool, dry_run: bool, out: T
     except ValueError as error:
         print(f"error: {error}", file=out)
         return EXIT_BAD_DATABASE
+    except peewee.DatabaseError as error:
+        return _cannot_use(database_url, error, out)
     try:
         if list_only:
             return _list(database, out)
@@ -35,10 +37,14 @@ def migrate_command(database_url: str, *, list_only: bool, dry_run: bool, out: T
         print(f"error: {error}", file=out)
         return EXIT_MIGRATION_FAILED
     except peewee.DatabaseError as error:
-        print(f"error: cannot use the database at {redacted(database_url)}: {str(error).strip()}", file=out)
-        return EXIT_BAD_DATABASE
+        return _cannot_use(database_url, error, out)
     finally:
         database.close()
+
+
+def _cannot_use(database_url: str, error: peewee.DatabaseError, out: TextIO) -> int:
+    print(f"error: cannot use the database at {redacted(database_url)}: {str(error).strip()}", file=out)
+    return EXIT_BAD_DATABASE
 
 
 def _list(database: peewee.Database, out: TextIO) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from urllib.parse import urlsplit, urlunsplit
 
 import peewee
@@ -11,25 +12,44 @@ from playhouse.db_url import connect
 database_proxy = peewee.DatabaseProxy()
 
 SQLITE_BUSY_TIMEOUT_S = 10
-
-# WAL lets readers run while the writer task writes; SQLite leaves foreign keys off unless asked.
-SQLITE_PRAGMAS = {"journal_mode": "wal", "foreign_keys": 1, "busy_timeout": SQLITE_BUSY_TIMEOUT_S * 1000}
+SQLITE_WAL_RETRY_S = 0.05
 
 
 def open_database(url: str) -> peewee.Database:
     """Connect to `url` (sqlite:///path or postgresql://...) and bind the models to it.
 
-    Raises ValueError naming the URL when its scheme is not one we support.
+    Raises ValueError naming the URL when its scheme is not one we support, and
+    peewee.OperationalError when a SQLite file cannot be opened.
     """
     scheme = url.split(":", 1)[0].lower()
     if scheme.startswith("sqlite"):
-        database = connect(url, pragmas=SQLITE_PRAGMAS, timeout=SQLITE_BUSY_TIMEOUT_S)
+        # SQLite leaves foreign keys off unless asked, on every connection; sqlite3's timeout is
+        # SQLite's busy timeout: how long to wait for a lock before failing.
+        database = connect(url, pragmas={"foreign_keys": 1}, timeout=SQLITE_BUSY_TIMEOUT_S)
+        _switch_to_wal(database)
     elif scheme.startswith("postgres"):
         database = connect(url)
     else:
         raise ValueError(f"DATABASE_URL must start with sqlite:/// or postgresql://, got {redacted(url)!r}")
     database_proxy.initialize(database)
     return database
+
+
+def _switch_to_wal(database: peewee.SqliteDatabase) -> None:
+    """Put the file in WAL mode (it stays so), letting readers run while the writer task writes.
+
+    SQLite refuses a journal-mode change while another process holds the file, without waiting
+    on the busy timeout, so processes starting together retry until it goes through.
+    """
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_S
+    while True:
+        try:
+            database.execute_sql("PRAGMA journal_mode = wal")
+            return
+        except peewee.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(SQLITE_WAL_RETRY_S)
 
 
 def is_sqlite(database: peewee.Database) -> bool:

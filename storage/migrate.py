@@ -82,7 +82,8 @@ class SchemaMigration(peewee.Model):
 def load_migrations(package: str = MIGRATIONS_PACKAGE) -> list[Migration]:
     """Import every NNNN_name module of `package`, in number order."""
     root = importlib.import_module(package)
-    names = sorted(info.name for info in pkgutil.iter_modules(root.__path__) if MIGRATION_MODULE_NAME.fullmatch(info.name))
+    module_names = (info.name for info in pkgutil.iter_modules(root.__path__))
+    names = sorted(name for name in module_names if MIGRATION_MODULE_NAME.fullmatch(name))
     migrations = [_load_one(package, name) for name in names]
     _refuse_duplicate_numbers(migrations)
     return migrations
@@ -107,7 +108,9 @@ def apply_migrations(
     return [outcome for outcome in outcomes if outcome is not None]
 
 
-def migration_status(database: peewee.Database, *, migrations: Sequence[Migration] | None = None) -> list[MigrationStatus]:
+def migration_status(
+    database: peewee.Database, *, migrations: Sequence[Migration] | None = None
+) -> list[MigrationStatus]:
     """Every migration known to the code or recorded in the database, with its state."""
     migrations = load_migrations() if migrations is None else list(migrations)
     with database.bind_ctx([SchemaMigration]):
@@ -115,7 +118,9 @@ def migration_status(database: peewee.Database, *, migrations: Sequence[Migratio
     statuses = [_status_of(migration, recorded.get(migration.id)) for migration in migrations]
     known_ids = {migration.id for migration in migrations}
     statuses += [
-        MigrationStatus(row.id, row.name, UNKNOWN, row.applied_at) for row in recorded.values() if row.id not in known_ids
+        MigrationStatus(row.id, row.name, UNKNOWN, row.applied_at)
+        for row in recorded.values()
+        if row.id not in known_ids
     ]
     return sorted(statuses, key=lambda status: status.id)
 
@@ -159,6 +164,7 @@ def _locked_transaction(database: peewee.Database) -> Iterator[None]:
 
 def _apply_one(database: peewee.Database, migration: Migration, migrations: list[Migration]) -> MigrationOutcome | None:
     with _locked_transaction(database):
+        # Read under the lock: another process may have applied this migration while we waited.
         recorded = _recorded(database)
         _verify_recorded(recorded, migrations)
         if migration.id in recorded:

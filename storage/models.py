@@ -89,8 +89,8 @@ class WhatsappBroadcastRecipient(BaseModel):
 class Call(BaseModel):
     call_sid = peewee.CharField(max_length=64, unique=True)
     stream_sid = peewee.CharField(max_length=64)
-    from_number = peewee.CharField(max_length=32, column_name="from_number")
-    to_number = peewee.CharField(max_length=32, column_name="to_number")
+    from_number = peewee.CharField(max_length=32)
+    to_number = peewee.CharField(max_length=32)
     business = peewee.ForeignKeyField(Business, column_name="business_id", null=True)
     started_at = peewee.DateTimeField()
     ended_at = peewee.DateTimeField(null=True)

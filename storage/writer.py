@@ -55,8 +55,10 @@ class StorageWriter:
     def submit(self, record: CallRecord) -> None:
         """Queue `record` for writing; never blocks, never drops it."""
         if self._stopped:
-            log_event(logger, record.call_sid, "STORAGE", "record submitted after the writer stopped; it will not be written",
-                      level=logging.ERROR, record=type(record).__name__)
+            log_event(
+                logger, record.call_sid, "STORAGE", "record submitted after the writer stopped; it will not be written",
+                level=logging.ERROR, record=type(record).__name__,
+            )
         self._pending.append(record)
         self._submitted_count += 1
         self._warn_once_over_capacity(record)

@@ -87,7 +87,9 @@ def _table_snapshot(database, table: str) -> dict:
     return {
         "columns": sorted((column.name, column.data_type, column.null) for column in database.get_columns(table)),
         "indexes": sorted((index.name, tuple(index.columns), index.unique) for index in database.get_indexes(table)),
-        "foreign_keys": sorted((key.column, key.dest_table, key.dest_column) for key in database.get_foreign_keys(table)),
+        "foreign_keys": sorted(
+            (key.column, key.dest_table, key.dest_column) for key in database.get_foreign_keys(table)
+        ),
         "rows": sorted(map(repr, database.execute_sql(f'SELECT * FROM "{table}"').fetchall())),
     }
 

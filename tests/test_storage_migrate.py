@@ -9,7 +9,16 @@ import sys
 
 import pytest
 
-from storage.migrate import ADOPTED, APPLIED, CHANGED, PENDING, MigrationError, apply_migrations, load_migrations, migration_status
+from storage.migrate import (
+    ADOPTED,
+    APPLIED,
+    CHANGED,
+    PENDING,
+    MigrationError,
+    apply_migrations,
+    load_migrations,
+    migration_status,
+)
 from storage.models import Business, WhatsappBroadcast, WhatsappBroadcastRecipient, utc_now
 from tests.storage_fixtures import (  # noqa: F401 (fixtures)
     create_legacy_tables,
@@ -120,20 +129,22 @@ def test_an_upgrade_from_an_older_database_keeps_its_rows(database, stopped_befo
     apply_migrations(database, migrations=migrations[:applied_count])
     create_rows = [
         "INSERT INTO businesses (id, name, created_at) VALUES (1, 'Acme', '2025-01-02 03:04:05')",
-        "INSERT INTO whatsapp_broadcasts (id, business_id, name, created_at) VALUES (1, 1, 'Launch', '2025-01-02 03:04:05')",
+        "INSERT INTO whatsapp_broadcasts (id, business_id, name, created_at) "
+        "VALUES (1, 1, 'Launch', '2025-01-02 03:04:05')",
         "INSERT INTO whatsapp_broadcast_recipients (broadcast_id, business_id, phone, created_at) "
         "VALUES (1, 1, '+15550001111', '2025-01-02 03:04:05')",
     ]
     for statement in create_rows:
         database.execute_sql(statement)
-    rows_before = table_rows(database, "whatsapp_broadcast_recipients", ["broadcast_id", "phone", "status", "attempts"])
+    recipient_columns = ["broadcast_id", "phone", "status", "attempts"]
+    rows_before = table_rows(database, "whatsapp_broadcast_recipients", recipient_columns)
 
     outcomes = apply_migrations(database, migrations=migrations)
 
     assert [outcome.name for outcome in outcomes] == ALL_NAMES[applied_count:]
     broadcast = WhatsappBroadcast.get_by_id(1)
     assert (broadcast.name, broadcast.status, broadcast.stopped_at) == ("Launch", "pending", None)
-    assert table_rows(database, "whatsapp_broadcast_recipients", ["broadcast_id", "phone", "status", "attempts"]) == rows_before
+    assert table_rows(database, "whatsapp_broadcast_recipients", recipient_columns) == rows_before
     assert rows_before == [(1, "+15550001111", "queued", 0)]
 
 
@@ -190,7 +201,9 @@ def test_a_legacy_database_is_adopted_without_losing_rows(database, with_recipie
     broadcast_columns = ["id", "business_id", "name", "template_name", "audience_filter", "status", "sent_count"]
     broadcasts_before = table_rows(database, "whatsapp_broadcasts", broadcast_columns)
     recipient_columns = ["broadcast_id", "phone", "status", "message_id"]
-    recipients_before = table_rows(database, "whatsapp_broadcast_recipients", recipient_columns) if with_recipients else []
+    recipients_before = []
+    if with_recipients:
+        recipients_before = table_rows(database, "whatsapp_broadcast_recipients", recipient_columns)
 
     outcomes = {outcome.name: outcome.how for outcome in apply_migrations(database)}
 
@@ -216,11 +229,14 @@ def test_an_adopted_broadcast_table_gets_the_stop_columns_and_works_with_the_mod
     WhatsappBroadcastRecipient.create(broadcast=broadcast, business=7, phone="+972501234567")
 
     reloaded = WhatsappBroadcast.get_by_id(3)
-    assert (reloaded.name, reloaded.audience_filter, reloaded.stopped_by) == ("מבצע אביב", {"tag": "vip"}, "ops@example.com")
+    assert (reloaded.name, reloaded.audience_filter) == ("מבצע אביב", {"tag": "vip"})
+    assert reloaded.stopped_by == "ops@example.com"
     assert [recipient.status for recipient in reloaded.recipients] == ["queued"]
 
 
-def test_processes_migrating_at_once_apply_each_migration_exactly_once(database, database_url, migrations_package, tmp_path):
+def test_processes_migrating_at_once_apply_each_migration_exactly_once(
+    database, database_url, migrations_package, tmp_path
+):
     package = migrations_package(extra={"0006_slow.py": SLOW_MIGRATION})
     gate = tmp_path / "go"
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}

@@ -64,7 +64,9 @@ async def writer(migrated):
 
 
 def storage_log_lines(caplog, level: int) -> list[str]:
-    return [record.getMessage() for record in caplog.records if record.name == "storage.writer" and record.levelno == level]
+    return [
+        record.getMessage() for record in caplog.records if record.name == "storage.writer" and record.levelno == level
+    ]
 
 
 async def test_records_from_concurrent_calls_are_all_written(writer):
