@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     simulate = commands.add_parser("simulate", help="play one full simulated call against the local model")
     simulate.add_argument("--fast", action="store_true", help="run in virtual time instead of real time")
     simulate.add_argument("--plot", metavar="PNG", help="draw the call's waveforms to this file (needs the plot extra)")
+    simulate.add_argument("--verbose", action="store_true", help="also print the server's log lines")
     migrate = commands.add_parser("migrate", help="apply the database migrations")
     mode = migrate.add_mutually_exclusive_group()
     mode.add_argument("--list", action="store_true", help="list migrations and whether they are applied")
@@ -32,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as error:
         print(f"callgate: {error}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level)
+    quiet_simulation = args.command == "simulate" and not args.verbose
+    configure_logging("WARNING" if quiet_simulation else settings.log_level)
     if args.command == "serve":
         return _serve(settings)
     if args.command == "simulate":

@@ -120,8 +120,9 @@ def _parse(name: str, raw: str, type_name: str) -> object:
         if lowered in ("0", "false", "no", "off"):
             return False
         raise SettingsError(f"{name} must be true or false, got {raw!r}")
-    converters = {"int": int, "float": float}
+    converters = {"int": (int, "a whole number"), "float": (float, "a number")}
+    convert, expected = converters[type_name]
     try:
-        return converters[type_name](text)
+        return convert(text)
     except ValueError:
-        raise SettingsError(f"{name} must be a {type_name}, got {raw!r}") from None
+        raise SettingsError(f"{name} must be {expected}, got {raw!r}") from None

@@ -137,7 +137,10 @@ async def simulate_call(settings: Settings, call_sid: str = "CA" + "5" * 32) -> 
     caller = StandardCall()
     started_at = trio.current_time()
     handler = _DecisionLog(phone.timeline, lambda: started_at)
-    logging.getLogger("callgate").addHandler(handler)
+    callgate_logger = logging.getLogger("callgate")
+    level_before = callgate_logger.level
+    callgate_logger.setLevel(min(callgate_logger.getEffectiveLevel(), logging.INFO))  # the timeline needs INFO
+    callgate_logger.addHandler(handler)
     try:
         async with trio.open_nursery() as nursery:
             port = await nursery.start(serve, settings)
@@ -146,7 +149,8 @@ async def simulate_call(settings: Settings, call_sid: str = "CA" + "5" * 32) -> 
             await trio.sleep(0.5)  # let the server write the call's records before shutting down
             nursery.cancel_scope.cancel()
     finally:
-        logging.getLogger("callgate").removeHandler(handler)
+        callgate_logger.removeHandler(handler)
+        callgate_logger.setLevel(level_before)
     return measure(phone, caller)
 
 

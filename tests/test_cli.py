@@ -1,0 +1,41 @@
+"""The command line as a user runs it: the main job, settings errors, and migrate."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.cli import main
+
+
+def test_simulate_fast_runs_the_main_job_and_draws_the_plot(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'callgate.db'}")
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    plot_path = tmp_path / "call.png"
+    assert main(["simulate", "--fast", "--plot", str(plot_path)]) == 0
+    out = capsys.readouterr().out
+    assert "caller talks during the greeting (must be ignored)" in out
+    assert "server: Barge-in now ENABLED for rest of call" in out
+    assert '"talk_over_ms":' in out
+    assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_bad_setting_is_a_clear_error_and_exit_status_2(monkeypatch, capsys):
+    monkeypatch.setenv("CALLGATE_PORT", "abc")
+    assert main(["serve"]) == 2
+    assert "CALLGATE_PORT must be a whole number, got 'abc'" in capsys.readouterr().err
+
+
+def test_migrate_applies_then_lists(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'm.db'}")
+    assert main(["migrate"]) == 0
+    capsys.readouterr()
+    assert main(["migrate", "--list"]) == 0
+    listing = capsys.readouterr().out
+    assert "whatsapp" in listing.lower()
+
+
+@pytest.mark.parametrize("argv", [[], ["nonsense"], ["migrate", "--list", "--dry-run"]])
+def test_bad_arguments_exit_with_usage(argv):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
