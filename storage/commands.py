@@ -15,11 +15,13 @@ EXIT_MIGRATION_FAILED = 1
 EXIT_BAD_DATABASE = 2
 
 
-def migrate_command(database_url: str, *, list_only: bool, dry_run: bool, out: TextIO = sys.stdout) -> int:
+def migrate_command(database_url: str, *, list_only: bool, dry_run: bool, out: TextIO | None = None) -> int:
     """Apply pending migrations, or only list them (--list) or say what would be done (--dry-run).
 
-    Returns 0 on success, 1 when a migration fails or is refused, 2 when the database cannot be used.
+    Writes to `out` (sys.stdout as it is at call time when None). Returns 0 on success, 1 when a
+    migration fails or is refused, 2 when the database cannot be used.
     """
+    out = sys.stdout if out is None else out
     try:
         database = open_database(database_url)
     except ValueError as error:

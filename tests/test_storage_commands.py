@@ -97,3 +97,10 @@ def test_an_unusable_database_url_exits_2_with_the_reason(tmp_path):
     ]
     assert missing_status == 2
     assert missing_lines[0].startswith("error: cannot use the database at sqlite:///")
+
+
+def test_output_goes_to_stdout_as_it_is_when_called(database_url, capsys):
+    status = migrate_command(database_url, list_only=True, dry_run=False)
+
+    assert status == 0
+    assert capsys.readouterr().out.splitlines()[0].split() == [ALL_NAMES[0], "pending"]
