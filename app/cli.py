@@ -46,11 +46,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _serve(settings: Settings) -> int:
     from app.server import serve
+    from storage.migrate import MigrationError
 
     try:
         trio.run(serve, settings)
     except KeyboardInterrupt:
         logging.getLogger("callgate").info("call=- [SERVER] stopped")
+    except MigrationError as error:
+        print(f"callgate: start-up stopped by the database schema: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+
 import pytest
 
 from app.cli import main
@@ -39,3 +41,13 @@ def test_bad_arguments_exit_with_usage(argv):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
+
+
+def test_serve_refuses_to_start_on_an_edited_migration(tmp_path, monkeypatch, capsys):
+    database_path = tmp_path / "edited.db"
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{database_path}")
+    assert main(["migrate"]) == 0
+    with sqlite3.connect(database_path) as connection:
+        connection.execute("UPDATE schema_migrations SET checksum = 'edited' WHERE id = 1")
+    assert main(["serve"]) == 1
+    assert "start-up stopped" in capsys.readouterr().err
