@@ -10,7 +10,9 @@ from pydantic import TypeAdapter
 
 from app.clips import load_clip
 from app.realtime.local import LocalRealtimeModel
+from app.realtime import protocol
 from app.realtime.local_session import LocalSession
+from app.settings import Settings
 from dsp.g711 import ulaw_encode
 
 SERVER_EVENTS = TypeAdapter(RealtimeServerEvent)
@@ -29,31 +31,11 @@ def client(event: dict) -> str:
 def pcmu_session_update(
     *, create_response: bool = True, interrupt_response: bool = False, threshold: float = 0.82
 ) -> str:
-    """The session.update the call path sends: mu-law both ways, server VAD."""
-    return client(
-        {
-            "type": "session.update",
-            "session": {
-                "type": "realtime",
-                "instructions": "Answer briefly.",
-                "output_modalities": ["audio"],
-                "audio": {
-                    "input": {
-                        "format": {"type": "audio/pcmu"},
-                        "turn_detection": {
-                            "type": "server_vad",
-                            "threshold": threshold,
-                            "prefix_padding_ms": 300,
-                            "silence_duration_ms": 650,
-                            "create_response": create_response,
-                            "interrupt_response": interrupt_response,
-                        },
-                    },
-                    "output": {"format": {"type": "audio/pcmu"}, "voice": "marin"},
-                },
-            },
-        }
-    )
+    """The session.update the call path sends (mu-law both ways, server VAD), with turn detection varied."""
+    event = protocol.session_update(Settings(instructions="Answer briefly.", server_vad_threshold=threshold))
+    turn_detection = event["session"]["audio"]["input"]["turn_detection"]
+    turn_detection.update(create_response=create_response, interrupt_response=interrupt_response)
+    return client(event)
 
 
 def clip_pcmu(name: str) -> bytes:
