@@ -5,13 +5,14 @@ A frame's path reads one way: carrier codec -> dsp -> turns -> realtime codec.
 
 from __future__ import annotations
 
+import binascii
 import logging
 import math
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import AsyncIterator, Protocol
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
@@ -44,6 +45,8 @@ SILENT_FRAME = bytes([ULAW_SILENCE]) * twilio.MEDIA_FRAME_BYTES
 class Recorder(Protocol):
     def submit(self, record: object) -> None: ...
 
+    async def flush(self) -> None: ...
+
 
 @dataclass(frozen=True)
 class ModelEndpoint:
@@ -55,7 +58,8 @@ class ModelEndpoint:
 
     @property
     def connect_url(self) -> str:
-        return f"{self.url}?model={quote(self.model)}"
+        separator = "&" if urlsplit(self.url).query else "?"
+        return f"{self.url}{separator}model={quote(self.model)}"
 
 
 @asynccontextmanager
@@ -159,9 +163,10 @@ class CallSession:
                 self.log(tag, message, level=logging.getLevelName(level.upper()), **fields)
             case RecordEvent(kind, detail):
                 self._recorder.submit(CallEventRecord(call_sid=self.call_sid, kind=kind, at=_utc_now(), detail=detail))
-            case RecordTranscript(role, text, truncated, heard_ms):
+            case RecordTranscript(role, text, started_at_s, truncated, heard_ms):
+                started_at = _utc_now() - timedelta(seconds=trio.current_time() - started_at_s)
                 self._recorder.submit(TranscriptTurnRecord(
-                    call_sid=self.call_sid, role=role, text=text, started_at=_utc_now(), truncated=truncated,
+                    call_sid=self.call_sid, role=role, text=text, started_at=started_at, truncated=truncated,
                     heard_ms=heard_ms,
                 ))
 
@@ -228,7 +233,7 @@ class CallSession:
             media.payload, self._reference.pop_frame(), self.turns.bot_audible, trio.current_time() * 1000
         )
         if analysis.onset:
-            self.feed(VoiceOnset(self.settings.barge_in_voice_frames * 20))
+            self.feed(VoiceOnset(self.settings.barge_in_voice_frames * twilio.MEDIA_FRAME_MS))
         self.feed(Tick())
         disposition = self.turns.inbound_disposition(analysis.passes_gate)
         if disposition is InboundDisposition.AUDIO:
@@ -252,7 +257,14 @@ class CallSession:
         if isinstance(event, protocol.UnknownServerEvent):
             self.log("MODEL", "unknown event type skipped", level=logging.WARNING, type=event.type)
             return
-        turn_event = to_turn_event(event)
+        if isinstance(event, protocol.LooseServerEvent):
+            self.log("MODEL", "event outside the SDK's schema, read leniently", level=logging.WARNING,
+                     type=event.type, why=event.validation_error)
+        try:
+            turn_event = to_turn_event(event)
+        except (AttributeError, TypeError, binascii.Error) as error:
+            self.log("MODEL", "bad event from model skipped", level=logging.ERROR, type=event.type, why=repr(error))
+            return
         if turn_event is not None:
             self.feed(turn_event)
         elif event.type == "input_audio_buffer.speech_started":

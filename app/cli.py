@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
+import tempfile
+import uuid
 
 import trio
 import trio.testing
@@ -63,9 +66,12 @@ def _simulate(settings: Settings, *, fast: bool, plot_path: str | None) -> int:
 
     if not settings.uses_local_model:
         print("callgate simulate always uses the built-in local model; OPENAI_API_KEY is ignored", file=sys.stderr)
-        settings = Settings(**{**settings.__dict__, "openai_api_key": ""})
     clock = trio.testing.MockClock(autojump_threshold=0) if fast else None
-    report = trio.run(simulate_call, settings, clock=clock)
+    # A throwaway database: a simulated call must never land among real calls.
+    with tempfile.TemporaryDirectory(prefix="callgate-simulate-") as scratch:
+        simulation_settings = dataclasses.replace(
+            settings, openai_api_key="", database_url=f"sqlite:///{scratch}/simulated-calls.db")
+        report = trio.run(simulate_call, simulation_settings, "CA" + uuid.uuid4().hex, clock=clock)
     for at_s, what in report.timeline.events:
         print(f"{at_s:8.2f}s  {what}")
     print(json.dumps(report.summary(), indent=2))

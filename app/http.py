@@ -11,7 +11,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import h11
 import trio
-from trio_websocket import WebSocketRequest, wrap_server_stream
+from trio_websocket import ConnectionClosed, WebSocketRequest, wrap_server_stream
 
 logger = logging.getLogger("callgate.http")
 
@@ -114,8 +114,11 @@ class Router:
         except h11.RemoteProtocolError as error:
             logger.warning("call=- [HTTP] bad request refused why=%r", str(error))
             await _send_bad_request(stream, str(error))
-        except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError) as error:
-            logger.warning("call=- [HTTP] request failed why=%r", type(error).__name__)
+        except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError, ConnectionClosed) as error:
+            logger.warning("call=- [HTTP] client went away why=%r", type(error).__name__)
+        except Exception:
+            # Whatever one connection does wrong must not reach serve_tcp and end every call.
+            logger.exception("call=- [HTTP] connection failed")
         finally:
             await stream.aclose()
 

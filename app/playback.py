@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import deque
+
 import numpy as np
 import trio
 
@@ -10,6 +12,7 @@ from app.turn_events import PlayAudio
 from dsp.g711 import ulaw_decode
 
 FRAME_SAMPLES = 160
+STOPPED_RESPONSES_REMEMBERED = 16
 
 
 class PlayoutReference:
@@ -35,10 +38,6 @@ class PlayoutReference:
     def clear(self) -> None:
         self._pending = np.zeros(0, dtype=np.int16)
 
-    @property
-    def buffered_ms(self) -> int:
-        return len(self._pending) // 8
-
 
 class Playback:
     """Sends each response's audio, then its mark, keeping at most `lead_ms` buffered ahead at the carrier.
@@ -61,13 +60,14 @@ class Playback:
         self._carrier_out = carrier_out
         self._reference = reference
         self._lead_s = lead_ms / 1000
-        self._stopped: set[str] = set()
+        # A stopped response's chunks are all queued before its stop, so a few recent ids suffice.
+        self._stopped: deque[str] = deque(maxlen=STOPPED_RESPONSES_REMEMBERED)
         self._current: tuple[str, trio.CancelScope] | None = None
         self._carrier_buffer_ends_at = 0.0
 
     def stop(self, response_id: str) -> None:
         """Barge-in: nothing more of this response goes out, including chunks still queued."""
-        self._stopped.add(response_id)
+        self._stopped.append(response_id)
         if self._current is not None and self._current[0] == response_id:
             self._current[1].cancel()
 

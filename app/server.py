@@ -8,7 +8,7 @@ import secrets
 from functools import partial
 
 import trio
-from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, WebSocketRequest
+from trio_websocket import ConnectionClosed, DisconnectionTimeout, HandshakeError, WebSocketConnection, WebSocketRequest
 
 from app.call import CallSession, ModelEndpoint, Recorder, open_model_socket
 from app.carriers import twilio
@@ -23,7 +23,9 @@ from storage.writer import StorageWriter
 logger = logging.getLogger("callgate.server")
 
 START_TIMEOUT_S = 10
+FLUSH_AT_HANG_UP_TIMEOUT_S = 5
 MEDIA_PATH = "/media/twilio"
+CALL_OPTIONS = ("business_id", "barge_in")
 
 
 class CallgateServer:
@@ -63,6 +65,8 @@ class CallgateServer:
             "token": twilio.stream_token(self.stream_token_secret, call_sid),
             "from": form.get("From", ""),
             "to": form.get("To", ""),
+            # A number's webhook URL may carry ?business_id=...&barge_in=false; the stream URL may not.
+            **{name: value for name, value in request.query.items() if name in CALL_OPTIONS},
         }
         twiml = twilio.twiml_connect_stream(f"wss://{self.settings.public_host}{MEDIA_PATH}", parameters)
         log_event(logger, call_sid, "TWILIO", "call connected to media stream", **{"from": parameters["from"]})
@@ -74,24 +78,33 @@ class CallgateServer:
             await ws_request.reject(403, body=b"bad X-Twilio-Signature")
             return
         carrier = await ws_request.accept()
+        start = None
         try:
             start = await _await_start(carrier)
-            if start is not None and self._stream_token_is_valid(start):
+            if start is not None and self._stream_is_acceptable(start):
                 await self._run_call(start, carrier)
         finally:
             await carrier.aclose()
+        if start is not None:
+            await self._flush_records(start.call_sid)
 
     def _upgrade_signature_is_valid(self, ws_request: WebSocketRequest) -> bool:
         headers = {name.decode().lower(): value.decode("latin-1") for name, value in ws_request.headers}
         url = f"wss://{self.settings.public_host}{MEDIA_PATH}"
         return twilio.signature_is_valid(self.settings.twilio_auth_token, url, {}, headers.get("x-twilio-signature", ""))
 
-    def _stream_token_is_valid(self, start: twilio.Start) -> bool:
+    def _stream_is_acceptable(self, start: twilio.Start) -> bool:
+        """A valid token for this CallSid, no other stream for it, and the audio format we forward as-is."""
         token = start.custom_parameters.get("token", "")
-        if twilio.stream_token_is_valid(self.stream_token_secret, start.call_sid, token):
+        if not twilio.stream_token_is_valid(self.stream_token_secret, start.call_sid, token):
+            why = "bad or missing token"
+        elif start.call_sid in self.active_calls:
+            why = "this call already has a media stream"
+        elif (start.encoding, start.sample_rate_hz) != ("audio/x-mulaw", 8000):
+            why = f"audio must be audio/x-mulaw at 8000 Hz, got {start.encoding} at {start.sample_rate_hz} Hz"
+        else:
             return True
-        log_event(logger, start.call_sid, "TWILIO", "media stream with a bad or missing token refused",
-                  level=logging.WARNING)
+        log_event(logger, start.call_sid, "TWILIO", "media stream refused", level=logging.WARNING, why=why)
         return False
 
     async def _run_call(self, start: twilio.Start, carrier: WebSocketConnection) -> None:
@@ -103,6 +116,9 @@ class CallgateServer:
             async with open_model_socket(self.endpoint) as model:
                 reason = await session.run(carrier, model)
             session.log("CALL", "call ended", reason=reason)
+        except* DisconnectionTimeout:
+            session.log("CALL", "call ended; the model did not answer our close in time", level=logging.WARNING,
+                        reason=session.end_reason)
         except* (OSError, HandshakeError, trio.TooSlowError) as failure:
             session.log("CALL", "could not reach the model, call dropped", level=logging.ERROR,
                         why=repr(failure.exceptions[0]))
@@ -110,8 +126,14 @@ class CallgateServer:
             logger.exception("call=%s [CALL] call failed", start.call_sid)
         finally:
             del self.active_calls[start.call_sid]
-            with trio.CancelScope(shield=True):
-                await self.recorder.flush()
+
+    async def _flush_records(self, call_sid: str) -> None:
+        """After hang-up, wait a bounded time for the call's records; a slow database never holds a socket."""
+        with trio.CancelScope(shield=True), trio.move_on_after(FLUSH_AT_HANG_UP_TIMEOUT_S) as waited:
+            await self.recorder.flush()
+        if waited.cancelled_caught:
+            log_event(logger, call_sid, "STORAGE", "records still queued after hang-up; the writer keeps them",
+                      level=logging.WARNING)
 
 
 async def _await_start(carrier: WebSocketConnection) -> twilio.Start | None:

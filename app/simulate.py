@@ -18,9 +18,7 @@ from app.carriers.simulated_twilio import FRAME_S, PhoneTimeline, SimulatedPhone
 from app.clips import load_clip
 from app.server import serve
 from app.settings import Settings
-from dsp.level import rms
 
-SPEECH_ONSET_RMS = 300.0  # the clips' documented onset: the first 20 ms frame above this RMS
 GREETING_TALK_AFTER_S = 2.0
 ANSWER_BARGE_IN_AFTER_S = 3.0
 SILENCE_MEANS_DONE_S = 0.6
@@ -47,16 +45,12 @@ class SimulationReport:
         }
 
 
-def speech_onset_s(pcm: np.ndarray) -> float:
-    frames = pcm[: len(pcm) // 160 * 160].reshape(-1, 160)
-    loud = np.flatnonzero([rms(frame) > SPEECH_ONSET_RMS for frame in frames])
-    return float(loud[0]) * FRAME_S if len(loud) else 0.0
-
-
 async def _wait_until(condition: Callable[[], bool], what: str) -> None:
-    with trio.fail_after(WAIT_LIMIT_S):
+    with trio.move_on_after(WAIT_LIMIT_S):
         while not condition():
             await trio.sleep(FRAME_S)
+        return
+    raise RuntimeError(f"the simulated call never reached {what} within {WAIT_LIMIT_S} s")
 
 
 async def _wait_for_quiet(phone: SimulatedPhone) -> None:
@@ -76,7 +70,7 @@ class StandardCall:
         self.interrupt = load_clip("caller_interrupt_en.wav")
         self.question = load_clip("caller_question_en.wav")
         self.greeting_clears = 0
-        self.barge_in_onset_s: float | None = None
+        self.utterances_before_barge_in = 0
 
     async def __call__(self, phone: SimulatedPhone, elapsed_s: Callable[[], float]) -> None:
         note = phone.timeline.note
@@ -94,7 +88,7 @@ class StandardCall:
         await _wait_until(lambda: phone.bot_playing, "the answer")
         note(elapsed_s(), "caller hears the answer start")
         await trio.sleep(ANSWER_BARGE_IN_AFTER_S)
-        self.barge_in_onset_s = elapsed_s() + FRAME_S + speech_onset_s(self.interrupt)
+        self.utterances_before_barge_in = len(phone.timeline.speech_onset_frames)
         phone.say(self.interrupt)
         note(elapsed_s(), "caller talks over the answer")
         await _wait_until(lambda: len(phone.timeline.clear_times_s) > self.greeting_clears, "the barge-in")
@@ -103,17 +97,19 @@ class StandardCall:
 
 
 def measure(phone: SimulatedPhone, caller: StandardCall) -> SimulationReport:
+    """Talk-over, counted in the phone's own frames: bot audio heard from the caller's first audible
+    frame of the barge-in until the frame the carrier's buffer was cleared."""
     timeline = phone.timeline
-    onset_s = caller.barge_in_onset_s
-    clears_after = [at for at in timeline.clear_times_s if onset_s is not None and at >= onset_s - FRAME_S]
-    clear_s = clears_after[0] if clears_after else None
-    talk_over_ms = stop_ms = None
-    if onset_s is not None and clear_s is not None:
-        first, last = round(onset_s / FRAME_S), round(clear_s / FRAME_S)
-        heard = [frame for frame in timeline.played[first:last] if np.any(frame)]
-        talk_over_ms = len(heard) * 20
-        stop_ms = round((clear_s - onset_s) * 1000)
-    return SimulationReport(timeline, caller.greeting_clears > 0, onset_s, clear_s, talk_over_ms, stop_ms)
+    onsets = timeline.speech_onset_frames[caller.utterances_before_barge_in:]
+    onset_frame = onsets[0] if caller.utterances_before_barge_in and onsets else None
+    clears = [frame for frame in timeline.clear_frames if onset_frame is not None and frame >= onset_frame]
+    if onset_frame is None or not clears:
+        return SimulationReport(timeline, caller.greeting_clears > 0, None, None, None, None)
+    heard_frames = sum(1 for frame in timeline.played[onset_frame:clears[0]] if np.any(frame))
+    return SimulationReport(
+        timeline, caller.greeting_clears > 0, round(onset_frame * FRAME_S, 3), round(clears[0] * FRAME_S, 3),
+        heard_frames * 20, (clears[0] - onset_frame) * 20,
+    )
 
 
 class _DecisionLog(logging.Handler):

@@ -18,6 +18,12 @@ class ResponseCreated:
 
 
 @dataclass(frozen=True, slots=True)
+class OutputItemAdded:
+    response_id: str
+    item_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class AudioDelta:
     response_id: str
     item_id: str
@@ -77,7 +83,7 @@ class CallEnding:
 
 
 TurnEvent = Union[
-    CallStarted, ResponseCreated, AudioDelta, AudioDone, TranscriptDone, ResponseDone, ModelError,
+    CallStarted, ResponseCreated, OutputItemAdded, AudioDelta, AudioDone, TranscriptDone, ResponseDone, ModelError,
     MarkPlayed, VoiceOnset, DtmfPressed, Tick, CallEnding,
 ]
 
@@ -123,8 +129,11 @@ class RecordEvent:
 
 @dataclass(frozen=True, slots=True)
 class RecordTranscript:
+    """A turn of the conversation; `started_at_s` is on the clock `now` is passed on."""
+
     role: str
     text: str
+    started_at_s: float
     truncated: bool
     heard_ms: int | None
 

@@ -13,8 +13,8 @@ from app.realtime import protocol
 from app.settings import Settings
 from app.turn_events import (
     AudioDelta, AudioDone, CallEnding, CallStarted, ClearCarrier, DtmfPressed, Log, MarkPlayed, ModelError,
-    PlayAudio, RecordEvent, RecordTranscript, ResponseCreated, ResponseDone, SendToModel, StopPlayback, Tick,
-    TranscriptDone, TurnAction, TurnEvent, VoiceOnset,
+    OutputItemAdded, PlayAudio, RecordEvent, RecordTranscript, ResponseCreated, ResponseDone, SendToModel,
+    StopPlayback, Tick, TranscriptDone, TurnAction, TurnEvent, VoiceOnset,
 )
 
 MULAW_BYTES_PER_MS = 8
@@ -40,18 +40,17 @@ _GREETING_LOCK_DISPOSITIONS = {
 @dataclass(slots=True)
 class ItemAudio:
     item_id: str
+    started_at_s: float
     generated_ms: int = 0
     played_ms: int = 0
     transcript: str = ""
-    recorded: bool = False
+    settled: bool = False  # recorded in the transcript, or deleted from the model's memory
 
 
 @dataclass(slots=True)
 class ResponseState:
     response_id: str
     active: bool = True
-    audio_done: bool = False
-    cancel_sent: bool = False
     silenced: bool = False
     items: dict[str, ItemAudio] = field(default_factory=dict)
     pending_marks: set[str] = field(default_factory=set)
@@ -63,6 +62,14 @@ class ResponseState:
     @property
     def unplayed_ms(self) -> int:
         return sum(item.generated_ms - item.played_ms for item in self.items.values())
+
+    @property
+    def audible(self) -> bool:
+        return not self.silenced and (self.active or bool(self.pending_marks))
+
+    @property
+    def finished(self) -> bool:
+        return not self.active and not self.pending_marks and all(item.settled for item in self.items.values())
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,19 +90,18 @@ class Turns:
         self._awaiting_first_response = False
         self._first_response_attempts = 0
         self._protection_deadline: float | None = None
+        self._protection_deadline_why = ""
         self._responses: dict[str, ResponseState] = {}
+        self._cancelled_response_ids: set[str] = set()
         self._marks: dict[str, MarkPosition] = {}
         self._mark_count = 0
+        self._sound_since_s: float | None = None
         self._chunk_bytes = settings.playback_chunk_ms * MULAW_BYTES_PER_MS
 
-    # Queries the call's tasks make between events.
     @property
     def bot_audible(self) -> bool:
         """The caller hears, or is about to hear, the bot: a live response or audio not yet played."""
-        return any(
-            not response.silenced and (response.active or response.pending_marks)
-            for response in self._responses.values()
-        )
+        return any(response.audible for response in self._responses.values())
 
     def inbound_disposition(self, passes_gate: bool) -> InboundDisposition:
         """While the bot is audible the model hears only what the echo gate accepts as the caller."""
@@ -106,8 +112,9 @@ class Turns:
         return InboundDisposition.AUDIO
 
     def handle(self, event: TurnEvent, now: float) -> list[TurnAction]:
-        actions = self._dispatch(event, now)
-        actions.extend(self._check_protection_deadline(now))
+        actions = self._check_protection_deadline(now)
+        actions.extend(self._dispatch(event, now))
+        self._forget_finished_responses()
         return actions
 
     def _dispatch(self, event: TurnEvent, now: float) -> list[TurnAction]:
@@ -115,13 +122,15 @@ class Turns:
             case CallStarted():
                 return [SendToModel(protocol.session_update(self.settings)), *self._request_first_response(now)]
             case ResponseCreated(response_id):
-                return self._on_response_created(response_id)
+                return self._on_response_created(response_id, now)
+            case OutputItemAdded(response_id, item_id):
+                return self._on_item_added(response_id, item_id, now)
             case AudioDelta(response_id, item_id, audio):
-                return self._on_audio_delta(response_id, item_id, audio)
+                return self._on_audio_delta(response_id, item_id, audio, now)
             case AudioDone(response_id):
                 return self._on_audio_done(response_id, now)
             case TranscriptDone(response_id, item_id, transcript):
-                return self._on_transcript(response_id, item_id, transcript)
+                return self._on_transcript(response_id, item_id, transcript, now)
             case ResponseDone(response_id, status):
                 return self._on_response_done(response_id, status, now)
             case ModelError():
@@ -129,35 +138,35 @@ class Turns:
             case MarkPlayed(name):
                 return self._on_mark_played(name)
             case VoiceOnset(voiced_ms):
-                return self._on_voice_onset(voiced_ms)
+                return self._on_voice_onset(voiced_ms, now)
             case DtmfPressed(digit):
-                return [
-                    Log("DTMF", "caller pressed a key", {"digit": digit}),
-                    RecordEvent("dtmf", {"digit": digit}),
-                    SendToModel(protocol.user_text_item(f"The caller pressed the phone key {digit}.")),
-                ]
+                return self._on_dtmf(digit)
             case CallEnding(reason):
                 return self._on_call_ending(reason)
             case Tick():
                 return []
         raise TypeError(f"unknown turn event {event!r}")
 
-    # First utterance.
+    # First utterance: protected from barge-in until the caller has heard it to the end.
     def _request_first_response(self, now: float) -> list[TurnAction]:
         self._first_response_attempts += 1
         self._awaiting_first_response = True
-        self._protection_deadline = now + FIRST_RESPONSE_TIMEOUT_S
+        self._set_protection_deadline(now + FIRST_RESPONSE_TIMEOUT_S, "no response.created in time")
         create = protocol.response_create()
         create["event_id"] = f"{FIRST_RESPONSE_EVENT_PREFIX}{self._first_response_attempts}"
         return [SendToModel(create)]
 
-    def _on_response_created(self, response_id: str) -> list[TurnAction]:
+    def _set_protection_deadline(self, deadline: float, why: str) -> None:
+        self._protection_deadline = deadline
+        self._protection_deadline_why = why
+
+    def _on_response_created(self, response_id: str, now: float) -> list[TurnAction]:
         self._responses.setdefault(response_id, ResponseState(response_id))
         if not (self.first_utterance_protected and self._awaiting_first_response):
             return []
         self._awaiting_first_response = False
-        self._protection_deadline = None
         self.first_response_id = response_id
+        self._set_protection_deadline(now + FIRST_RESPONSE_TIMEOUT_S, "first response stalled")
         return [Log("FIRST_UTTERANCE", "NO barge-in until first response completes", {"resp": response_id})]
 
     def _retry_or_release_first(self, reason: str, now: float) -> list[TurnAction]:
@@ -178,27 +187,44 @@ class Turns:
 
     def _check_first_played(self) -> list[TurnAction]:
         first = self._responses.get(self.first_response_id or "")
-        if not self.first_utterance_protected or first is None or not first.audio_done or first.pending_marks:
+        if not self.first_utterance_protected or first is None or first.active or first.pending_marks:
             return []
         if first.generated_ms == 0:
             return self._release_protection("first response produced no audio")
         return self._release_protection("first response fully played")
 
     def _check_protection_deadline(self, now: float) -> list[TurnAction]:
-        if not self.first_utterance_protected or self._protection_deadline is None:
-            return []
-        if now < self._protection_deadline:
+        if not self.first_utterance_protected or self._protection_deadline is None or now < self._protection_deadline:
             return []
         if self._awaiting_first_response:
-            return self._retry_or_release_first("no response.created in time", now)
-        return self._release_protection("final mark not back within buffered audio plus safety margin")
+            return self._retry_or_release_first(self._protection_deadline_why, now)
+        return self._release_protection(self._protection_deadline_why)
 
-    # Model audio and responses.
-    def _on_audio_delta(self, response_id: str, item_id: str, audio: bytes) -> list[TurnAction]:
+    def _first_generation_ended(self, response: ResponseState, now: float) -> None:
+        """Safety net: the final mark gets the buffered audio plus a margin to come back."""
+        if response.response_id == self.first_response_id and self.first_utterance_protected:
+            deadline = now + (response.unplayed_ms + self.settings.first_utterance_safety_margin_ms) / 1000
+            self._set_protection_deadline(deadline, "final mark not back within buffered audio plus safety margin")
+
+    # Model output.
+    def _item(self, response: ResponseState, item_id: str, now: float) -> ItemAudio:
+        return response.items.setdefault(item_id, ItemAudio(item_id, started_at_s=now))
+
+    def _on_item_added(self, response_id: str, item_id: str, now: float) -> list[TurnAction]:
+        response = self._responses.get(response_id)
+        if response is not None:
+            self._item(response, item_id, now)
+        return []
+
+    def _on_audio_delta(self, response_id: str, item_id: str, audio: bytes, now: float) -> list[TurnAction]:
         response = self._responses.get(response_id)
         if response is None or response.silenced:
-            return []
-        item = response.items.setdefault(item_id, ItemAudio(item_id))
+            return []  # late deltas of a cancelled response: nobody must hear them
+        if not any(r.pending_marks for r in self._responses.values()):
+            self._sound_since_s = now
+        if response_id == self.first_response_id and self.first_utterance_protected:
+            self._set_protection_deadline(now + FIRST_RESPONSE_TIMEOUT_S, "first response stalled")
+        item = self._item(response, item_id, now)
         actions: list[TurnAction] = []
         for start in range(0, len(audio), self._chunk_bytes):
             chunk = audio[start:start + self._chunk_bytes]
@@ -212,21 +238,16 @@ class Turns:
 
     def _on_audio_done(self, response_id: str, now: float) -> list[TurnAction]:
         response = self._responses.get(response_id)
-        if response is None:
-            return []
-        response.audio_done = True
-        if response_id == self.first_response_id and self.first_utterance_protected:
-            margin_ms = self.settings.first_utterance_safety_margin_ms
-            self._protection_deadline = now + (response.unplayed_ms + margin_ms) / 1000
-        return self._check_first_played()
+        if response is not None:
+            self._first_generation_ended(response, now)
+        return []
 
-    def _on_transcript(self, response_id: str, item_id: str, transcript: str) -> list[TurnAction]:
+    def _on_transcript(self, response_id: str, item_id: str, transcript: str, now: float) -> list[TurnAction]:
         response = self._responses.get(response_id)
         if response is None:
             return []
-        item = response.items.setdefault(item_id, ItemAudio(item_id))
-        item.transcript = transcript
-        return self._record_heard_items(response)
+        self._item(response, item_id, now).transcript = transcript
+        return self._settle_items(response)
 
     def _on_response_done(self, response_id: str, status: str, now: float) -> list[TurnAction]:
         response = self._responses.get(response_id)
@@ -235,20 +256,20 @@ class Turns:
         response.active = False
         if response_id == self.first_response_id and self.first_utterance_protected and status == "failed":
             return self._retry_or_release_first(f"status={status}", now)
-        actions: list[TurnAction] = []
-        if not response.audio_done:
-            actions.extend(self._on_audio_done(response_id, now))
-        actions.extend(self._record_heard_items(response))
-        return actions
+        self._first_generation_ended(response, now)
+        return [*self._check_first_played(), *self._settle_items(response)]
 
     def _on_model_error(self, error: ModelError, now: float) -> list[TurnAction]:
-        benign = error.code == "response_cancel_not_active" and any(r.cancel_sent for r in self._responses.values())
-        actions: list[TurnAction] = [Log("MODEL_ERROR", error.message, {"code": error.code, "event_id": error.event_id},
-                                         "info" if benign else "error")]
-        if not benign:
-            actions.append(RecordEvent("error", {"code": error.code, "message": error.message}))
-        awaiting_this = error.event_id == f"{FIRST_RESPONSE_EVENT_PREFIX}{self._first_response_attempts}"
-        if awaiting_this and self._awaiting_first_response and self.first_utterance_protected:
+        raced_our_cancel = error.code == "response_cancel_not_active" and bool(self._cancelled_response_ids)
+        fields = {"code": error.code, "event_id": error.event_id}
+        if raced_our_cancel:
+            return [Log("MODEL_ERROR", "our cancel crossed the response's end; nothing to do", fields)]
+        actions: list[TurnAction] = [
+            Log("MODEL_ERROR", error.message, fields, "error"),
+            RecordEvent("error", {"code": error.code, "message": error.message}),
+        ]
+        answers_current_request = error.event_id == f"{FIRST_RESPONSE_EVENT_PREFIX}{self._first_response_attempts}"
+        if answers_current_request and self._awaiting_first_response and self.first_utterance_protected:
             actions.extend(self._retry_or_release_first(f"error {error.code}", now))
         return actions
 
@@ -256,25 +277,41 @@ class Turns:
     def _on_mark_played(self, name: str) -> list[TurnAction]:
         position = self._marks.pop(name, None)
         if position is None:
-            return []
+            return []  # an echo after clear: flushed, not played
         response = self._responses[position.response_id]
         response.pending_marks.discard(name)
         item = response.items[position.item_id]
         item.played_ms = max(item.played_ms, position.item_end_ms)
-        return [*self._check_first_played(), *self._record_heard_items(response)]
+        return [*self._check_first_played(), *self._settle_items(response)]
 
-    def _record_heard_items(self, response: ResponseState) -> list[TurnAction]:
-        """An item goes to the transcript once it is fully heard, with its text known."""
+    def _settle_items(self, response: ResponseState) -> list[TurnAction]:
+        """Once nothing more of a response can be heard: heard items to the transcript; items that only
+        appeared after a barge-in are forgotten by the model too."""
         if response.active or response.pending_marks:
             return []
-        return [self._record_item(item) for item in response.items.values() if item.transcript and not item.recorded]
+        actions: list[TurnAction] = []
+        for item in response.items.values():
+            if item.settled:
+                continue
+            if item.played_ms == 0 and response.silenced:
+                actions.append(SendToModel(protocol.item_delete(item.item_id)))
+                item.settled = True
+            elif item.played_ms > 0 and item.transcript:
+                actions.append(self._record_item(item))
+        return actions
 
     def _record_item(self, item: ItemAudio) -> RecordTranscript:
-        item.recorded = True
-        return RecordTranscript("assistant", item.transcript, item.played_ms < item.generated_ms, item.played_ms)
+        item.settled = True
+        truncated = item.played_ms < item.generated_ms
+        return RecordTranscript("assistant", item.transcript, item.started_at_s, truncated, item.played_ms)
+
+    def _forget_finished_responses(self) -> None:
+        for response_id in [r.response_id for r in self._responses.values() if r.finished]:
+            if response_id != self.first_response_id or not self.first_utterance_protected:
+                del self._responses[response_id]
 
     # Barge-in: the one condition and the one place that cancels.
-    def _on_voice_onset(self, voiced_ms: int) -> list[TurnAction]:
+    def _on_voice_onset(self, voiced_ms: int, now: float) -> list[TurnAction]:
         if not self.bot_audible:
             return []
         if self.first_utterance_protected:
@@ -282,46 +319,56 @@ class Turns:
                         {"resp": self.first_response_id})]
         if not (self.settings.enable_barge_in and self.barge_in_enabled):
             return []
-        return self._barge_in(voiced_ms)
+        return self._barge_in(voiced_ms, now)
 
-    def _barge_in(self, talk_over_ms: int) -> list[TurnAction]:
-        audible = [r for r in self._responses.values() if not r.silenced and (r.active or r.pending_marks)]
-        actions: list[TurnAction] = [StopPlayback(r.response_id) for r in audible]
+    def _barge_in(self, voiced_ms: int, now: float) -> list[TurnAction]:
+        audible = [response for response in self._responses.values() if response.audible]
+        actions: list[TurnAction] = [StopPlayback(response.response_id) for response in audible]
         actions.append(ClearCarrier())
         for response in audible:
             response.silenced = True
             for name in response.pending_marks:
-                self._marks.pop(name, None)  # their echoes after clear mean flushed, not played
+                del self._marks[name]  # their echoes after clear mean flushed, not played
             response.pending_marks.clear()
-            if response.active and not response.cancel_sent:
-                response.cancel_sent = True
+            if response.active and response.response_id not in self._cancelled_response_ids:
+                self._cancelled_response_ids.add(response.response_id)
                 actions.append(SendToModel(protocol.response_cancel(response.response_id)))
             actions.extend(self._forget_unheard(response))
-            actions.extend(self._record_heard_items(response))
-        heard = {item.item_id: item.played_ms for r in audible for item in r.items.values()}
+            actions.extend(self._settle_items(response))
+        # The caller's voiced run overlapped the bot's sound only since that sound began.
+        sounding_ms = 0 if self._sound_since_s is None else round((now - self._sound_since_s) * 1000)
+        talk_over_ms = min(voiced_ms, sounding_ms)
+        heard = {item.item_id: item.played_ms for response in audible for item in response.items.values()}
         actions.append(Log("BARGE_IN", "caller talked over the bot, bot silenced", {
-            "resp": ",".join(r.response_id for r in audible), "talk_over_ms": talk_over_ms,
+            "resp": ",".join(response.response_id for response in audible), "talk_over_ms": talk_over_ms,
             "heard_ms": sum(heard.values())}))
         actions.append(RecordEvent("barge_in", {"talk_over_ms": talk_over_ms, "heard_ms": heard}))
         return actions
 
     def _forget_unheard(self, response: ResponseState) -> list[TurnAction]:
-        """Truncate the model's memory to what the caller heard; delete what nobody heard."""
+        """The model forgets what the caller did not hear: truncated where partly heard, deleted where not at all."""
         actions: list[TurnAction] = []
         for item in response.items.values():
-            if item.played_ms >= item.generated_ms:
-                continue
-            if item.played_ms > 0:
-                actions.append(SendToModel(protocol.item_truncate(item.item_id, min(item.played_ms, item.generated_ms))))
-            else:
+            if item.played_ms == 0:
                 actions.append(SendToModel(protocol.item_delete(item.item_id)))
-                item.recorded = True
+                item.settled = True
+            elif item.played_ms < item.generated_ms:
+                actions.append(SendToModel(protocol.item_truncate(item.item_id, item.played_ms)))
+        return actions
+
+    def _on_dtmf(self, digit: str) -> list[TurnAction]:
+        actions: list[TurnAction] = [
+            Log("DTMF", "caller pressed a key", {"digit": digit}),
+            RecordEvent("dtmf", {"digit": digit}),
+            SendToModel(protocol.user_text_item(f"The caller pressed the phone key {digit}.")),
+        ]
+        if not any(response.active for response in self._responses.values()):
+            actions.append(SendToModel(protocol.response_create()))  # a key press deserves an answer
         return actions
 
     def _on_call_ending(self, reason: str) -> list[TurnAction]:
         actions: list[TurnAction] = [Log("CALL", "call ending", {"reason": reason})]
         for response in self._responses.values():
-            for item in response.items.values():
-                if item.transcript and not item.recorded:
-                    actions.append(self._record_item(item))
+            actions.extend(self._record_item(item) for item in response.items.values()
+                           if not item.settled and item.played_ms > 0 and item.transcript)
         return actions

@@ -8,17 +8,14 @@ from dataclasses import dataclass, field
 
 import pytest
 import trio
-import trio.testing
-from openai.types.realtime import RealtimeClientEvent
-from pydantic import TypeAdapter
 from trio_websocket import ConnectionClosed, open_websocket_url, serve_websocket
 
 from app.carriers import twilio
 from app.carriers.simulated_twilio import SimulatedPhone, post_voice_webhook, run_phone_call
 from app.server import serve
 from app.settings import Settings
+from tests.realtime_schemas import SDK_CLIENT_EVENTS
 
-CLIENT_EVENTS = TypeAdapter(RealtimeClientEvent)
 
 
 @dataclass
@@ -39,7 +36,7 @@ class ScriptedRealtimeServer:
         try:
             while True:
                 event = json.loads(await socket.get_message())
-                CLIENT_EVENTS.validate_python(event)
+                SDK_CLIENT_EVENTS.validate_python(event)
                 self.received.append(event)
                 if event["type"] == "session.update":
                     for reply in self.say_after_session_update:
@@ -48,11 +45,6 @@ class ScriptedRealtimeServer:
                         await socket.aclose(1011, "scripted failure")
         except ConnectionClosed:
             self.closed_at.append(trio.current_time())
-
-
-@pytest.fixture
-def mock_clock():
-    return trio.testing.MockClock(autojump_threshold=0)
 
 
 async def call_with(model: ScriptedRealtimeServer, tmp_path, script, *, calls: int = 1, **overrides):
@@ -72,15 +64,15 @@ async def call_with(model: ScriptedRealtimeServer, tmp_path, script, *, calls: i
     return phones
 
 
-async def talk_for(seconds: float):
+def talk_for(seconds: float):
     async def script(phone, elapsed_s):
         await trio.sleep(seconds)
     return script
 
 
-async def test_the_model_socket_is_opened_as_openai_expects_and_every_event_validates(tmp_path, mock_clock):
+async def test_the_model_socket_is_opened_as_openai_expects_and_every_event_validates(tmp_path, autojump_clock):
     model = ScriptedRealtimeServer()
-    await call_with(model, tmp_path, await talk_for(1.0), realtime_model="gpt-realtime-2.1-mini")
+    await call_with(model, tmp_path, talk_for(1.0), realtime_model="gpt-realtime-2.1-mini")
     path, headers = model.requests[0]
     assert path == "/v1/realtime?model=gpt-realtime-2.1-mini"
     assert headers["authorization"] == "Bearer sk-test"
@@ -96,7 +88,7 @@ async def test_the_model_socket_is_opened_as_openai_expects_and_every_event_vali
     assert len(appended) >= 45 and set(appended) == {"/" * 212 + "/w=="}
 
 
-async def test_the_model_socket_closes_within_one_second_of_hang_up(tmp_path, mock_clock):
+async def test_the_model_socket_closes_within_one_second_of_hang_up(tmp_path, autojump_clock):
     model = ScriptedRealtimeServer()
     hung_up_at = []
 
@@ -109,7 +101,7 @@ async def test_the_model_socket_closes_within_one_second_of_hang_up(tmp_path, mo
     assert 0 <= model.closed_at[0] - hung_up_at[0] < 1.0
 
 
-async def test_unknown_and_error_events_from_the_model_are_logged_never_fatal(tmp_path, mock_clock, caplog):
+async def test_unknown_and_error_events_from_the_model_are_logged_never_fatal(tmp_path, autojump_clock, caplog):
     caplog.set_level(logging.INFO, logger="callgate")
     model = ScriptedRealtimeServer(say_after_session_update=[
         {"type": "response.brand_new_event", "event_id": "event_1"},
@@ -118,17 +110,17 @@ async def test_unknown_and_error_events_from_the_model_are_logged_never_fatal(tm
                                                            "message": "buffer empty", "event_id": None}},
         {"type": "response.created", "event_id": "event_3"},  # missing its response: invalid
     ])
-    await call_with(model, tmp_path, await talk_for(1.0))
+    await call_with(model, tmp_path, talk_for(1.0))
     assert "unknown event type skipped type=response.brand_new_event" in caplog.text
     assert "[MODEL_ERROR] buffer empty code=input_audio_buffer_commit_empty" in caplog.text
     assert "bad event from model skipped" in caplog.text
     assert "call ended reason=carrier_stop" in caplog.text
 
 
-async def test_a_lost_model_link_ends_only_its_own_call(tmp_path, mock_clock, caplog):
+async def test_a_lost_model_link_ends_only_its_own_call(tmp_path, autojump_clock, caplog):
     caplog.set_level(logging.INFO, logger="callgate")
     failing_once = ScriptedRealtimeServer(fail_first_connections=1)
-    phones = await call_with(failing_once, tmp_path, await talk_for(1.0), calls=2)
+    phones = await call_with(failing_once, tmp_path, talk_for(1.0), calls=2)
     assert caplog.text.count("model link lost, ending call") == 1
     assert caplog.text.count("call ended reason=model_link_lost") == 1
     assert caplog.text.count("call ended reason=carrier_stop") == 1
@@ -136,7 +128,7 @@ async def test_a_lost_model_link_ends_only_its_own_call(tmp_path, mock_clock, ca
     assert "Traceback" not in caplog.text
 
 
-async def test_bad_carrier_frames_are_logged_and_the_call_goes_on(tmp_path, mock_clock, caplog):
+async def test_bad_carrier_frames_are_logged_and_the_call_goes_on(tmp_path, autojump_clock, caplog):
     caplog.set_level(logging.INFO, logger="callgate")
     model = ScriptedRealtimeServer()
     async with trio.open_nursery() as nursery:
@@ -170,18 +162,55 @@ async def test_bad_carrier_frames_are_logged_and_the_call_goes_on(tmp_path, mock
     assert "call ended reason=carrier_closed" in text
 
 
-async def test_a_stream_with_a_wrong_token_is_refused(tmp_path, mock_clock, caplog):
+def start_frame(call_sid: str, token: str, encoding: str = "audio/x-mulaw") -> str:
+    return json.dumps({"event": "start", "streamSid": "MZ1", "start": {
+        "streamSid": "MZ1", "callSid": call_sid, "customParameters": {"token": token},
+        "mediaFormat": {"encoding": encoding, "sampleRate": 8000, "channels": 1}}})
+
+
+@pytest.mark.parametrize("token_for, encoding, why", [
+    ("CA2", "audio/x-mulaw", "bad or missing token"),
+    ("CA1", "audio/x-alaw", "audio must be audio/x-mulaw at 8000 Hz, got audio/x-alaw at 8000 Hz"),
+])
+async def test_a_stream_that_cannot_be_bridged_is_refused(tmp_path, autojump_clock, caplog, token_for, encoding, why):
     model = ScriptedRealtimeServer()
     async with trio.open_nursery() as nursery:
         model_server = await nursery.start(serve_websocket, model.handle, "127.0.0.1", 0, None)
         settings = Settings(database_url=f"sqlite:///{tmp_path / 'c.db'}", port=0, openai_api_key="sk-test",
-                            realtime_url=f"ws://127.0.0.1:{model_server.port}/v1/realtime")
+                            realtime_url=f"ws://127.0.0.1:{model_server.port}/v1/realtime",
+                            stream_token_secret="shared")
         port = await nursery.start(serve, settings)
         async with open_websocket_url(f"ws://127.0.0.1:{port}/media/twilio") as socket:
-            await socket.send_message(json.dumps({"event": "start", "streamSid": "MZ1", "start": {
-                "streamSid": "MZ1", "callSid": "CA1", "customParameters": {"token": "forged"}}}))
+            await socket.send_message(start_frame("CA1", twilio.stream_token("shared", token_for), encoding))
             with pytest.raises(ConnectionClosed):
                 await socket.get_message()
         nursery.cancel_scope.cancel()
     assert model.requests == []
-    assert "call=CA1 [TWILIO] media stream with a bad or missing token refused" in caplog.text
+    assert f"call=CA1 [TWILIO] media stream refused why={why!r}" in caplog.text
+
+
+async def test_a_second_stream_for_a_live_call_is_refused_and_the_first_goes_on(tmp_path, autojump_clock, caplog):
+    caplog.set_level(logging.INFO, logger="callgate")
+    model = ScriptedRealtimeServer()
+    async with trio.open_nursery() as nursery:
+        model_server = await nursery.start(serve_websocket, model.handle, "127.0.0.1", 0, None)
+        settings = Settings(database_url=f"sqlite:///{tmp_path / 'c.db'}", port=0, openai_api_key="sk-test",
+                            realtime_url=f"ws://127.0.0.1:{model_server.port}/v1/realtime",
+                            stream_token_secret="shared")
+        port = await nursery.start(serve, settings)
+        token = twilio.stream_token("shared", "CA1")
+        async with open_websocket_url(f"ws://127.0.0.1:{port}/media/twilio") as first:
+            await first.send_message(start_frame("CA1", token))
+            await trio.sleep(0.5)
+            async with open_websocket_url(f"ws://127.0.0.1:{port}/media/twilio") as second:
+                await second.send_message(start_frame("CA1", token))
+                with pytest.raises(ConnectionClosed):
+                    await second.get_message()
+            await first.send_message(json.dumps({"event": "dtmf", "streamSid": "MZ1", "dtmf": {"digit": "4"}}))
+            await trio.sleep(0.5)
+        await trio.sleep(1.5)
+        nursery.cancel_scope.cancel()
+    assert "call=CA1 [TWILIO] media stream refused why='this call already has a media stream'" in caplog.text
+    assert "call=CA1 [DTMF] caller pressed a key digit=4" in caplog.text
+    assert "call=CA1 [CALL] call ended reason=carrier_closed" in caplog.text
+    assert "Traceback" not in caplog.text

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import trio
-import trio.testing
 from trio_websocket import HandshakeError, open_websocket_url
 
 from app.carriers import twilio
@@ -14,11 +13,6 @@ from app.settings import Settings
 
 AUTH_TOKEN = "12345"
 PUBLIC_HOST = "calls.example.com"
-
-
-@pytest.fixture
-def mock_clock():
-    return trio.testing.MockClock(autojump_threshold=0)
 
 
 async def http(port: int, request: bytes) -> tuple[int, bytes]:
@@ -46,7 +40,7 @@ async def with_server(tmp_path, test, **overrides):
         nursery.cancel_scope.cancel()
 
 
-async def test_health_and_unknown_routes(tmp_path, mock_clock):
+async def test_health_and_unknown_routes(tmp_path, autojump_clock):
     async def check(port):
         status, body = await http(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         assert (status, body) == (200, b'{"status": "ok", "active_calls": 0}')
@@ -59,7 +53,7 @@ async def test_health_and_unknown_routes(tmp_path, mock_clock):
     await with_server(tmp_path, check)
 
 
-async def test_the_voice_webhook_answers_twiml_with_a_per_call_token(tmp_path, mock_clock):
+async def test_the_voice_webhook_answers_twiml_with_a_per_call_token(tmp_path, autojump_clock):
     async def check(port):
         status, body = await http(port, post("/twilio/voice", "CallSid=CA42&From=%2B15551234&To=%2B15559876"))
         assert status == 200
@@ -71,7 +65,7 @@ async def test_the_voice_webhook_answers_twiml_with_a_per_call_token(tmp_path, m
     await with_server(tmp_path, check, stream_token_secret="shared")
 
 
-async def test_a_webhook_without_a_valid_twilio_signature_is_refused(tmp_path, mock_clock):
+async def test_a_webhook_without_a_valid_twilio_signature_is_refused(tmp_path, autojump_clock):
     form = {"CallSid": "CA42", "From": "+15551234"}
     good = twilio.request_signature(AUTH_TOKEN, f"https://{PUBLIC_HOST}/twilio/voice", form)
 
@@ -88,3 +82,26 @@ async def test_a_webhook_without_a_valid_twilio_signature_is_refused(tmp_path, m
                                       extra_headers=[(b"X-Twilio-Signature", upgrade_signature.encode())]):
             pass
     await with_server(tmp_path, check, twilio_auth_token=AUTH_TOKEN)
+
+
+async def test_clients_that_hang_up_during_an_upgrade_never_take_the_server_down(tmp_path, autojump_clock):
+    upgrade = ("GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+
+    async def check(port):
+        for path in ("/nowhere", "/media/twilio"):  # a 404 and, unsigned, a 403 to a client already gone
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(upgrade.format(path=path).encode())
+            await stream.aclose()
+            await trio.sleep(0.1)
+        assert (await http(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"))[0] == 200
+    await with_server(tmp_path, check, twilio_auth_token=AUTH_TOKEN)
+
+
+async def test_the_webhook_passes_a_numbers_business_and_barge_in_choice_to_the_stream(tmp_path, autojump_clock):
+    async def check(port):
+        status, body = await http(port, post("/twilio/voice?business_id=3&barge_in=false&other=x", "CallSid=CA9"))
+        _, parameters = stream_from_twiml(body.decode())
+        assert (status, parameters["business_id"], parameters["barge_in"]) == (200, "3", "false")
+        assert "other" not in parameters
+    await with_server(tmp_path, check)

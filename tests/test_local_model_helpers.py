@@ -5,18 +5,15 @@ from __future__ import annotations
 import base64
 import json
 
-from openai.types.realtime import RealtimeClientEvent, RealtimeServerEvent
-from pydantic import TypeAdapter
 
 from app.clips import load_clip
 from app.realtime.local import LocalRealtimeModel
 from app.realtime import protocol
 from app.realtime.local_session import LocalSession
 from app.settings import Settings
+from tests.realtime_schemas import SDK_CLIENT_EVENTS, SDK_SERVER_EVENTS
 from dsp.g711 import ulaw_encode
 
-SERVER_EVENTS = TypeAdapter(RealtimeServerEvent)
-CLIENT_EVENTS = TypeAdapter(RealtimeClientEvent)
 FRAME_BYTES = 160
 SILENCE_CODE = 0xFF
 MODEL = LocalRealtimeModel()
@@ -24,7 +21,7 @@ MODEL = LocalRealtimeModel()
 
 def client(event: dict) -> str:
     """A client event as the wire carries it, after checking it against the SDK's schema."""
-    CLIENT_EVENTS.validate_python(event)
+    SDK_CLIENT_EVENTS.validate_python(event)
     return json.dumps(event)
 
 
@@ -54,7 +51,7 @@ def appends(pcmu: bytes) -> list[str]:
 
 def validate_all(events: list[dict]) -> None:
     for event in events:
-        SERVER_EVENTS.validate_python(event)
+        SDK_SERVER_EVENTS.validate_python(event)
 
 
 def of_type(events: list[dict], event_type: str) -> list[dict]:
@@ -77,7 +74,7 @@ async def receive_until(websocket, last_type: str, seen: list[dict]) -> list[dic
     received = []
     while not received or received[-1]["type"] != last_type:
         event = json.loads(await websocket.get_message())
-        SERVER_EVENTS.validate_python(event)
+        SDK_SERVER_EVENTS.validate_python(event)
         received.append(event)
         seen.append(event)
     return received

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from openai.types.realtime import RealtimeClientEvent
-from pydantic import TypeAdapter
 
+from app.model_events import to_turn_event
 from app.realtime import protocol
 from app.settings import Settings
+from tests.realtime_schemas import SDK_CLIENT_EVENTS
+from app.turn_events import ResponseDone
 
-CLIENT_EVENTS = TypeAdapter(RealtimeClientEvent)
 
 
 def test_every_client_event_we_build_validates_against_the_openai_types():
@@ -25,7 +25,7 @@ def test_every_client_event_we_build_validates_against_the_openai_types():
         protocol.user_text_item("The caller pressed 5."),
     ]
     for event in events:
-        CLIENT_EVENTS.validate_python(json.loads(protocol.encode(event)))
+        SDK_CLIENT_EVENTS.validate_python(json.loads(protocol.encode(event)))
     session = events[0]["session"]
     assert session["type"] == "realtime"
     assert session["audio"]["output"] == {"format": {"type": "audio/pcmu"}, "voice": "cedar"}
@@ -45,7 +45,17 @@ def test_an_unknown_event_type_is_returned_for_logging_not_raised():
     assert isinstance(event, protocol.UnknownServerEvent) and event.type == "response.future_thing"
 
 
-@pytest.mark.parametrize("text", ["nope", '{"no_type":1}', '{"type":"response.done","event_id":"e"}'])
-def test_a_malformed_or_invalid_event_raises_a_clear_error(text):
+@pytest.mark.parametrize("text", ["nope", '{"no_type":1}', '[1]'])
+def test_a_frame_that_is_no_event_raises_a_clear_error(text):
     with pytest.raises(protocol.ModelProtocolError):
         protocol.parse_server_event(text)
+
+
+def test_a_known_event_with_a_value_newer_than_the_sdk_is_still_read():
+    done = {"type": "response.done", "event_id": "event_9", "response": {
+        "id": "resp_1", "object": "realtime.response", "status": "cancelled",
+        "status_details": {"type": "cancelled", "reason": "a_reason_from_the_future"}}}
+    event = protocol.parse_server_event(json.dumps(done))
+    assert isinstance(event, protocol.LooseServerEvent)
+    assert "status_details" in event.validation_error
+    assert to_turn_event(event) == ResponseDone("resp_1", "cancelled")

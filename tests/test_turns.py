@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import pytest
-from openai.types.realtime import RealtimeClientEvent
-from pydantic import TypeAdapter
 
 from app.settings import Settings
+from tests.realtime_schemas import SDK_CLIENT_EVENTS
 from app.turn_events import (
     AudioDelta, AudioDone, CallEnding, CallStarted, ClearCarrier, DtmfPressed, Log, MarkPlayed, ModelError,
-    PlayAudio, RecordEvent, RecordTranscript, ResponseCreated, ResponseDone, SendToModel, StopPlayback, Tick,
+    OutputItemAdded, PlayAudio, RecordEvent, RecordTranscript, ResponseCreated, ResponseDone, SendToModel, StopPlayback, Tick,
     TranscriptDone, VoiceOnset,
 )
 from app.turns import InboundDisposition, Turns
 
-CLIENT_EVENTS = TypeAdapter(RealtimeClientEvent)
 ONE_SECOND_OF_AUDIO = b"\x7f" * 8000
 
 
@@ -167,7 +165,7 @@ def test_marks_echoed_after_clear_mean_flushed_not_played():
     actions = turns.handle(TranscriptDone("resp_2", "item_2", "a long answer"), 5.7)
     actions += turns.handle(CallEnding("carrier_stop"), 6.0)
     transcripts = [a for a in actions if isinstance(a, RecordTranscript)]
-    assert transcripts == [RecordTranscript("assistant", "a long answer", True, 400)]
+    assert transcripts == [RecordTranscript("assistant", "a long answer", 5.1, True, 400)]
 
 
 def test_an_item_heard_to_its_end_is_neither_truncated_nor_deleted():
@@ -193,6 +191,7 @@ def test_a_resend_of_the_first_response_moves_the_protection():
     assert turns.first_response_id == "resp_2"
     resent_marks = marks(turns.handle(AudioDelta("resp_2", "item_2", ONE_SECOND_OF_AUDIO), 0.7))
     turns.handle(AudioDone("resp_2"), 0.8)
+    turns.handle(ResponseDone("resp_2", "completed"), 0.8)
     assert turns.handle(VoiceOnset(120), 1.0)[0].tag == "FIRST_UTTERANCE"
     play_all(turns, resent_marks, 1.8)
     assert turns.first_utterance_protected is False
@@ -291,4 +290,81 @@ def test_every_event_sent_validates_against_the_openai_types():
         "session.update", "response.create", "response.cancel", "conversation.item.truncate",
         "conversation.item.create"}
     for event in sent:
-        CLIENT_EVENTS.validate_python(event)
+        SDK_CLIENT_EVENTS.validate_python(event)
+
+
+def test_a_barge_in_before_any_audio_deletes_the_item_and_records_nothing():
+    turns = greeted_call()
+    turns.handle(ResponseCreated("resp_2"), 5.0)
+    turns.handle(OutputItemAdded("resp_2", "item_2"), 5.0)
+    actions = turns.handle(VoiceOnset(120), 5.1)
+    assert model_events(actions, "conversation.item.delete") == [
+        {"type": "conversation.item.delete", "item_id": "item_2"}]
+    late = turns.handle(OutputItemAdded("resp_2", "item_3"), 5.15)
+    late += turns.handle(TranscriptDone("resp_2", "item_2", "never heard"), 5.2)
+    late += turns.handle(ResponseDone("resp_2", "cancelled"), 5.3)
+    late += turns.handle(CallEnding("carrier_stop"), 6.0)
+    assert model_events(late, "conversation.item.delete") == [
+        {"type": "conversation.item.delete", "item_id": "item_3"}]
+    assert not [a for a in late if isinstance(a, RecordTranscript)]
+
+
+def test_a_stale_error_for_an_earlier_first_response_request_changes_nothing():
+    turns = Turns(Settings())
+    first_request = model_events(turns.handle(CallStarted(), 0.0), "response.create")[0]
+    turns.handle(ModelError("server_error", "failed", first_request["event_id"]), 0.1)
+    turns.handle(ResponseCreated("resp_2"), 0.2)
+    stale = turns.handle(ModelError("server_error", "failed again", first_request["event_id"]), 0.3)
+    assert model_events(stale) == []
+    assert turns.first_response_id == "resp_2" and turns.first_utterance_protected is True
+
+
+def test_the_first_item_done_is_not_the_first_response_done():
+    turns = Turns(Settings())
+    turns.handle(CallStarted(), 0.0)
+    turns.handle(ResponseCreated("resp_1"), 0.1)
+    first_item_marks = marks(turns.handle(AudioDelta("resp_1", "item_a", ONE_SECOND_OF_AUDIO), 0.2))
+    turns.handle(AudioDone("resp_1"), 0.3)
+    play_all(turns, first_item_marks, 1.2)
+    assert turns.first_utterance_protected is True  # a second item may follow
+    second_item_marks = marks(turns.handle(AudioDelta("resp_1", "item_b", ONE_SECOND_OF_AUDIO), 1.3))
+    turns.handle(ResponseDone("resp_1", "completed"), 1.4)
+    play_all(turns, second_item_marks, 2.3)
+    assert turns.first_utterance_protected is False
+
+
+def test_a_first_response_that_stalls_after_created_does_not_lock_the_call():
+    turns = Turns(Settings())
+    turns.handle(CallStarted(), 0.0)
+    turns.handle(ResponseCreated("resp_1"), 1.0)
+    turns.handle(Tick(), 10.9)
+    assert turns.first_utterance_protected is True
+    actions = turns.handle(Tick(), 11.0)
+    assert turns.first_utterance_protected is False
+    assert next(a for a in actions if isinstance(a, Log)).fields["why"] == "first response stalled"
+
+
+def test_an_onset_on_the_frame_the_safety_net_expires_barges_in():
+    turns = Turns(Settings())
+    turns.handle(CallStarted(), 0.0)
+    turns.handle(ResponseCreated("resp_1"), 0.1)
+    turns.handle(AudioDelta("resp_1", "item_1", ONE_SECOND_OF_AUDIO * 5), 0.2)
+    turns.handle(ResponseDone("resp_1", "completed"), 0.5)  # deadline: 5 s unplayed + 2 s
+    actions = turns.handle(VoiceOnset(120), 7.5)
+    assert turns.first_utterance_protected is False
+    assert [a for a in actions if isinstance(a, ClearCarrier)]
+
+
+def test_talk_over_is_the_voiced_run_that_overlapped_the_bots_sound():
+    turns = greeted_call()
+    turns.handle(ResponseCreated("resp_2"), 5.0)
+    turns.handle(AudioDelta("resp_2", "item_2", ONE_SECOND_OF_AUDIO), 5.0)
+    just_started = turns.handle(VoiceOnset(120), 5.05)
+    assert next(a for a in just_started if isinstance(a, Log) and a.tag == "BARGE_IN").fields["talk_over_ms"] == 50
+
+
+@pytest.mark.parametrize("answering, creates", [(False, True), (True, False)])
+def test_a_key_press_gets_an_answer_unless_one_is_on_its_way(answering, creates):
+    turns = answering_call()[0] if answering else greeted_call()
+    actions = turns.handle(DtmfPressed("3"), 6.0)
+    assert bool(model_events(actions, "response.create")) is creates

@@ -21,9 +21,11 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
 from dsp.g711 import ulaw_decode, ulaw_encode
+from dsp.level import rms
 
 FRAME_SAMPLES = 160
 FRAME_S = 0.02
+CALLER_VOICE_RMS = 100.0  # clearly above the line noise: where the caller is first audibly talking
 
 
 @dataclass
@@ -34,6 +36,8 @@ class PhoneTimeline:
     played: list[np.ndarray] = field(default_factory=list)
     events: list[tuple[float, str]] = field(default_factory=list)
     clear_times_s: list[float] = field(default_factory=list)
+    clear_frames: list[int] = field(default_factory=list)
+    speech_onset_frames: list[int] = field(default_factory=list)
     marks_returned: int = 0
 
     def note(self, at_s: float, what: str) -> None:
@@ -48,6 +52,7 @@ class SimulatedPhone:
         self._speaker: list[bytes | str] = []  # audio chunks and mark names, in the order received
         self._speaker_offset = 0
         self._speech = np.zeros(0, dtype=np.int16)
+        self._awaiting_speech_onset = False
         self._echo_gain = 10 ** (-echo_return_loss_db / 20)
         self._echo_history = np.zeros(echo_delay_ms * 8 + FRAME_SAMPLES, dtype=np.float64)
         self._noise_rms = noise_rms
@@ -65,6 +70,7 @@ class SimulatedPhone:
     def say(self, pcm: np.ndarray) -> None:
         """The caller starts speaking `pcm` from the next frame on."""
         self._speech = np.concatenate((self._speech, pcm.astype(np.int16)))
+        self._awaiting_speech_onset = True
 
     def on_server_message(self, text: str, now_s: float) -> list[str]:
         """Take one frame from the server; returns marks to send back right away (flushed by clear)."""
@@ -79,6 +85,7 @@ class SimulatedPhone:
             self._speaker.clear()
             self._speaker_offset = 0
             self.timeline.clear_times_s.append(now_s)
+            self.timeline.clear_frames.append(len(self.timeline.played))
             self.timeline.note(now_s, "carrier buffer cleared: bot silenced")
             return flushed
         return []
@@ -90,6 +97,9 @@ class SimulatedPhone:
         spoken = self._speech[:FRAME_SAMPLES]
         caller[: len(spoken)] = spoken
         self._speech = self._speech[FRAME_SAMPLES:]
+        if self._awaiting_speech_onset and rms(caller) > CALLER_VOICE_RMS:
+            self._awaiting_speech_onset = False
+            self.timeline.speech_onset_frames.append(len(self.timeline.mic))
         self._echo_history = np.concatenate((self._echo_history[FRAME_SAMPLES:], played.astype(np.float64)))
         echo = self._echo_history[:FRAME_SAMPLES] * self._echo_gain
         noise = self._random.normal(0.0, self._noise_rms, FRAME_SAMPLES)

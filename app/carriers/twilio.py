@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Union
 from xml.sax.saxutils import quoteattr
 
+MEDIA_FRAME_MS = 20
 MEDIA_FRAME_BYTES = 160  # 20 ms of 8 kHz mu-law
 
 

@@ -13,13 +13,12 @@ import binascii
 import copy
 import json
 import typing
-from typing import Annotated, Callable, Union
+from typing import Callable
 
 import numpy as np
 import pydantic
-from openai.types.realtime import RealtimeClientEvent
-from pydantic import Field, TypeAdapter
 
+from app.realtime.protocol import CLIENT_EVENTS
 from app.realtime.local_config import DEFAULT_SERVER_VAD, default_session, updated_session
 from app.realtime.local_events import Refusal, error_event, new_id, server_event
 from app.realtime.local_response import BYTES_PER_MS, CLIP_RATE_HZ, PCM_RATE_HZ, CannedAnswer, ResponseStream
@@ -27,9 +26,6 @@ from app.realtime.local_vad import EnergyVad, SpeechStarted
 from dsp.g711 import ulaw_decode
 from dsp.resample import StreamingResampler
 
-_CLIENT_EVENT_MEMBERS = typing.get_args(typing.get_args(RealtimeClientEvent)[0])
-# The SDK's union tagged on `type`: the same schema, and errors that name the member's own fields.
-CLIENT_EVENTS = TypeAdapter(Annotated[Union[_CLIENT_EVENT_MEMBERS], Field(discriminator="type")])
 
 MIN_COMMIT_MS = 100
 

@@ -6,17 +6,29 @@ import base64
 import json
 import typing
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Annotated, Any, Union
 
 import pydantic
-from openai.types.realtime import RealtimeServerEvent
+from openai.types.realtime import RealtimeClientEvent, RealtimeServerEvent
 from pydantic import Field, TypeAdapter
 
 from app.settings import Settings
 
-_SERVER_EVENT_MEMBERS = typing.get_args(typing.get_args(RealtimeServerEvent)[0])
-# A tagged union on `type` validates ~40x faster than trying every member: fast enough per audio delta.
-_SERVER_EVENTS = TypeAdapter(Annotated[Union[_SERVER_EVENT_MEMBERS], Field(discriminator="type")])
+
+
+def _union_members(sdk_union: Any) -> tuple:
+    return typing.get_args(typing.get_args(sdk_union)[0])
+
+
+def _tagged_union(members: tuple) -> TypeAdapter:
+    """A tagged union on `type` validates ~40x faster than trying every member: fast enough per audio delta."""
+    return TypeAdapter(Annotated[Union[members], Field(discriminator="type")])
+
+
+_SERVER_EVENT_MEMBERS = _union_members(RealtimeServerEvent)
+_SERVER_EVENTS = _tagged_union(_SERVER_EVENT_MEMBERS)
+CLIENT_EVENTS = _tagged_union(_union_members(RealtimeClientEvent))
 KNOWN_SERVER_EVENT_TYPES = frozenset(
     typing.get_args(member.model_fields["type"].annotation)[0] for member in _SERVER_EVENT_MEMBERS
 )
@@ -40,8 +52,28 @@ class UnknownServerEvent:
     raw: dict
 
 
+class LooseServerEvent(SimpleNamespace):
+    """A known event that failed the SDK's closed schema (a newer enum value, say), read attribute by attribute.
+
+    Dropping a `response.done` because of one unknown enum would leave its response active forever.
+    """
+
+    def __init__(self, raw: dict, validation_error: str) -> None:
+        super().__init__(**{key: _loose(value) for key, value in raw.items()})
+        self.validation_error = validation_error
+
+
+def _loose(value: Any) -> Any:
+    if isinstance(value, dict):
+        return SimpleNamespace(**{key: _loose(inner) for key, inner in value.items()})
+    if isinstance(value, list):
+        return [_loose(inner) for inner in value]
+    return value
+
+
 def parse_server_event(text: str | bytes) -> Any:
-    """Parse one server frame into the SDK's typed event, or UnknownServerEvent for a newer type."""
+    """Parse one server frame into the SDK's typed event; UnknownServerEvent for a newer type,
+    LooseServerEvent for a known type that fails the schema. Raises ModelProtocolError for non-events."""
     try:
         message = json.loads(text)
     except json.JSONDecodeError as error:
@@ -54,10 +86,8 @@ def parse_server_event(text: str | bytes) -> Any:
     try:
         return _SERVER_EVENTS.validate_python(message)
     except pydantic.ValidationError as error:
-        raise ModelProtocolError(
-            f"invalid {message['type']!r} event from model: {error.error_count()} errors, first: "
-            f"{error.errors()[0]['loc']} {error.errors()[0]['msg']}"
-        ) from None
+        first = error.errors()[0]
+        return LooseServerEvent(message, f"{error.error_count()} errors, first: {first['loc']} {first['msg']}")
 
 
 def encode(event: dict) -> str:

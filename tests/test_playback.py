@@ -1,0 +1,76 @@
+"""Outbound playback in virtual time: pacing at a bounded lead, media+mark pairs, stop by cancel scope."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import trio
+
+from app.playback import Playback, PlayoutReference
+from app.turn_events import PlayAudio
+
+CHUNK = b"\x00" * 800  # 100 ms of loud mu-law
+
+
+def playback_under_test(lead_ms: int = 200):
+    chunks_send, chunks = trio.open_memory_channel(math.inf)
+    carrier_send, carrier = trio.open_memory_channel(math.inf)
+    reference = PlayoutReference()
+    return Playback("MZ1", chunks, carrier_send, reference, lead_ms), chunks_send, carrier, reference
+
+
+async def collect(carrier, into):
+    async for text in carrier:
+        into.append((round(trio.current_time(), 3), json.loads(text)))
+
+
+async def test_audio_goes_out_in_order_each_chunk_followed_by_its_mark_at_a_bounded_lead(autojump_clock):
+    playback, chunks, carrier, _ = playback_under_test(lead_ms=200)
+    sent = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(playback.run)
+        nursery.start_soon(collect, carrier, sent)
+        for number in range(10):
+            chunks.send_nowait(PlayAudio("resp_1", CHUNK, f"resp_1:{number}"))
+        await trio.sleep(2.0)
+        nursery.cancel_scope.cancel()
+    kinds = [message["event"] for _, message in sent]
+    assert kinds == ["media", "mark"] * 10
+    assert [message["mark"]["name"] for _, message in sent if message["event"] == "mark"] == [
+        f"resp_1:{number}" for number in range(10)]
+    media_times = [at for at, message in sent if message["event"] == "media"]
+    # 300 ms go out at once (the lead plus the chunk playing), then one chunk per 100 ms of playout.
+    assert media_times == [0.0, 0.0, 0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
+
+
+async def test_stop_cancels_the_response_and_drops_its_queued_chunks_but_not_the_next_response(autojump_clock):
+    playback, chunks, carrier, reference = playback_under_test(lead_ms=0)
+    sent = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(playback.run)
+        nursery.start_soon(collect, carrier, sent)
+        for number in range(5):
+            chunks.send_nowait(PlayAudio("resp_1", CHUNK, f"resp_1:{number}"))
+        await trio.sleep(0.15)
+        playback.stop("resp_1")
+        playback.carrier_cleared()
+        chunks.send_nowait(PlayAudio("resp_2", CHUNK, "resp_2:0"))
+        await trio.sleep(1.0)
+        nursery.cancel_scope.cancel()
+    marks = [message["mark"]["name"] for _, message in sent if message["event"] == "mark"]
+    assert marks == ["resp_1:0", "resp_1:1", "resp_2:0"]
+    assert reference.pop_frame().any()  # what now plays is resp_2's audio, resp_1's was cleared
+
+
+def test_the_playout_reference_hands_out_one_frame_per_inbound_frame_then_silence():
+    reference = PlayoutReference()
+    reference.extend(np.arange(1, 241, dtype=np.int16))
+    assert reference.pop_frame().tolist() == list(range(1, 161))
+    second = reference.pop_frame()
+    assert second[:80].tolist() == list(range(161, 241)) and not second[80:].any()
+    assert not reference.pop_frame().any()
+    reference.extend(np.ones(400, dtype=np.int16))
+    reference.clear()
+    assert not reference.pop_frame().any()
