@@ -14,7 +14,7 @@ import peewee
 import trio
 
 from app.logs import log_event
-from storage.models import Call, CallEvent, TranscriptTurn
+from storage.models import Business, Call, CallEvent, TranscriptTurn
 from storage.records import CallEnded, CallEventRecord, CallRecord, CallStarted, TranscriptTurnRecord
 
 logger = logging.getLogger(__name__)
@@ -164,7 +164,8 @@ def write_record(database: peewee.Database, record: CallRecord) -> None:
         case CallStarted():
             Call.insert(
                 call_sid=record.call_sid, stream_sid=record.stream_sid, from_number=record.from_number,
-                to_number=record.to_number, business=record.business_id, started_at=as_utc(record.started_at),
+                to_number=record.to_number, business=_known_business_id(database, record),
+                started_at=as_utc(record.started_at),
             ).execute(database)
         case CallEventRecord():
             CallEvent.insert(
@@ -179,6 +180,15 @@ def write_record(database: peewee.Database, record: CallRecord) -> None:
             _end_call(database, record)
         case _:
             raise TypeError(f"not a call record: {type(record).__name__}")
+
+
+def _known_business_id(database: peewee.Database, record: CallStarted) -> int | None:
+    """A webhook URL naming a business that does not exist must not cost the call its records."""
+    if record.business_id is None or Business.select().where(Business.id == record.business_id).exists(database):
+        return record.business_id
+    log_event(logger, record.call_sid, "STORAGE", "call names an unknown business; stored without one",
+              level=logging.WARNING, business_id=record.business_id)
+    return None
 
 
 def _end_call(database: peewee.Database, record: CallEnded) -> None:

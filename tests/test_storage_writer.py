@@ -236,3 +236,17 @@ async def test_flush_after_the_writer_stopped_raises_instead_of_waiting_forever(
     with pytest.raises(RuntimeError, match="writer has stopped"):
         await writer.flush()
     assert "submitted after the writer stopped" in storage_log_lines(caplog, logging.ERROR)[0]
+
+
+async def test_a_call_naming_an_unknown_business_keeps_its_records(writer, caplog):
+    caplog.set_level(logging.INFO, logger="storage.writer")
+    started, *rest = simulated_call("CAbiz")
+    writer.submit(CallStarted(started.call_sid, started.stream_sid, started.from_number, started.to_number, 999,
+                              started.started_at))
+    for record in rest:
+        writer.submit(record)
+    await flush(writer)
+    call = Call.get(Call.call_sid == "CAbiz")
+    assert call.business_id is None and call.end_reason == "caller_hung_up"
+    assert CallEvent.select().where(CallEvent.call == call).count() == 3
+    assert "call=CAbiz [STORAGE] call names an unknown business" in "\n".join(storage_log_lines(caplog, logging.WARNING))
