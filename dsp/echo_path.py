@@ -10,11 +10,16 @@ HYBRID_BAND_HZ = (250.0, 3300.0)
 
 
 def simulate_echo(
-    far: np.ndarray, delay_ms: float, echo_return_loss_db: float, sample_rate_hz: int = 8000
+    far: np.ndarray,
+    delay_ms: float,
+    echo_return_loss_db: float,
+    sample_rate_hz: int = 8000,
+    hybrid_band_hz: tuple[float, float] = HYBRID_BAND_HZ,
+    hybrid_order: int = 2,
 ) -> np.ndarray:
     """The echo of `far` as heard back on the line: filtered, delayed, `echo_return_loss_db` quieter (float64)."""
     far_samples = np.asarray(far, dtype=np.float64)
-    hybrid = butter(2, HYBRID_BAND_HZ, btype="bandpass", fs=sample_rate_hz, output="sos")
+    hybrid = butter(hybrid_order, hybrid_band_hz, btype="bandpass", fs=sample_rate_hz, output="sos")
     filtered = sosfilt(hybrid, far_samples)
     far_energy = float(np.dot(far_samples, far_samples))
     filtered_energy = float(np.dot(filtered, filtered))

@@ -14,9 +14,6 @@ from dsp.vad import FrameVad, VoiceOnset
 INBOUND_FRAME_BYTES = 160
 """One 20 ms frame of 8 kHz mu-law, as the carrier sends it."""
 
-_SILENT_FAR = np.zeros(INBOUND_FRAME_BYTES, dtype=np.int16)
-_SILENT_FAR.flags.writeable = False
-
 
 @dataclass(frozen=True, slots=True)
 class FrameAnalysis:
@@ -38,6 +35,8 @@ class InboundFrameAnalyzer:
         self.gate = make_echo_gate(gate_mode, min_rms)
         self.vad = FrameVad(vad_aggressiveness, sample_rate_hz=8000)
         self.voice_onset = VoiceOnset(voice_frames=voice_frames, debounce_ms=debounce_ms)
+        # Reused every frame: the near and far frames as float rows, converted by assignment.
+        self.near_and_far = np.zeros((2, INBOUND_FRAME_BYTES))
 
     def analyze(self, payload: bytes, far: np.ndarray | None, bot_audible: bool, now_ms: float) -> FrameAnalysis:
         """Analyse one 160-byte mu-law frame; `far` is the 20 ms played to the caller meanwhile (None: nothing)."""
@@ -48,10 +47,12 @@ class InboundFrameAnalyzer:
         pcm = ulaw_decode(np.frombuffer(payload, dtype=np.uint8))
         if far is not None and len(far) != INBOUND_FRAME_BYTES:
             raise ValueError(f"the far-end frame must be {INBOUND_FRAME_BYTES} int16 samples (20 ms), got {len(far)}")
+        self.near_and_far[0] = pcm
+        self.near_and_far[1] = 0 if far is None else far
         # One pass over near and far together: the gate and the RMS share these block energies.
-        energies = block_energies(np.concatenate((pcm, _SILENT_FAR if far is None else far))).tolist()
+        energies = block_energies(self.near_and_far)
         near_energies = energies[:BLOCKS_PER_FRAME]
-        passes_gate = self.gate.accepts_energies(near_energies, energies[BLOCKS_PER_FRAME:], bot_audible)
+        passes_gate = self.gate.accepts_frames(self.near_and_far, near_energies, energies[BLOCKS_PER_FRAME:], bot_audible)
         voiced = self.vad.is_voiced(pcm)
         onset = self.voice_onset.update(voiced and passes_gate, now_ms)
         return FrameAnalysis(

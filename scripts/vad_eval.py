@@ -37,6 +37,10 @@ ECHO_RETURN_LOSSES_DB = (6.0, 10.0, 20.0)
 ECHO_DELAYS_MS = (20.0, 50.0, 80.0, 110.0, 140.0, 170.0, 200.0)
 DOUBLE_TALK_DELAYS_MS = (20.0, 110.0, 200.0)
 DOUBLE_TALK_STARTS_S = (1.3, 2.9, 4.4)
+OTHER_PATH_BAND_HZ = (400.0, 2800.0)
+OTHER_PATH_ORDER = 4
+OTHER_PATH_DELAYS_MS = (37.0, 93.0, 161.0, 243.0)
+"""A second, narrower and steeper hybrid at delays off the 5 ms grid: a guard against fitting the main one."""
 CALLER_ALIGNMENTS_MS = (0.0, 5.0, 10.0, 15.0)
 """Sub-frame shifts of the caller, so that speech onsets fall anywhere inside a 20 ms frame."""
 
@@ -74,6 +78,7 @@ def build_scenario(
     echo_return_loss_db: float = 0.0,
     caller: np.ndarray | None = None,
     caller_start_ms: float = 0.0,
+    other_path: bool = False,
 ) -> Scenario:
     """Bot speech from LEAD_IN_MS echoed back, a caller clip at caller_start_ms, line noise over all."""
     ends_ms = [LEAD_IN_MS + TRAIL_MS]
@@ -89,7 +94,8 @@ def build_scenario(
         bot_start = samples(LEAD_IN_MS)
         bot_end = min(length, bot_start + len(bot))
         far[bot_start:bot_end] = bot[: bot_end - bot_start]
-        near += simulate_echo(far, delay_ms, echo_return_loss_db)
+        hybrid = {"hybrid_band_hz": OTHER_PATH_BAND_HZ, "hybrid_order": OTHER_PATH_ORDER} if other_path else {}
+        near += simulate_echo(far, delay_ms, echo_return_loss_db, **hybrid)
         audible_end_frame = int(np.ceil((bot_end + samples(BOT_AUDIBLE_TAIL_MS)) / FRAME_SAMPLES))
         bot_audible[bot_start // FRAME_SAMPLES:audible_end_frame] = True
     if caller is None:
@@ -172,6 +178,13 @@ def scenarios(rng: np.random.Generator):
                         start_ms = LEAD_IN_MS + 1000.0 * start_s + 5.0 * ((bot_index + caller_index) % 4)
                         scenario = build_scenario(rng, bot, delay_ms, erl_db, caller, start_ms)
                         yield f"double_talk_erl_{erl_db:g}db", scenario
+    for bot_index, bot in enumerate(bots.values()):
+        for delay_ms in OTHER_PATH_DELAYS_MS:
+            yield "echo_only_other_path_erl_6db", build_scenario(rng, bot, delay_ms, 6.0, other_path=True)
+            caller = list(callers.values())[(bot_index + int(delay_ms)) % len(callers)]
+            start_ms = LEAD_IN_MS + 1000.0 * DOUBLE_TALK_STARTS_S[int(delay_ms) % len(DOUBLE_TALK_STARTS_S)]
+            scenario = build_scenario(rng, bot, delay_ms, 6.0, caller, start_ms, other_path=True)
+            yield "double_talk_other_path_erl_6db", scenario
     for erl_db in (None, *ECHO_RETURN_LOSSES_DB):
         bot = None if erl_db is None else bots["bot_answer_en.wav"]
         scenario = build_scenario(rng, bot, 110.0, erl_db or 0.0, loud_click, LEAD_IN_MS + 2000.0)
@@ -210,6 +223,8 @@ def main() -> None:
         "echo_delays_ms": list(ECHO_DELAYS_MS),
         "double_talk_delays_ms": list(DOUBLE_TALK_DELAYS_MS),
         "echo_path": "2nd-order 250-3300 Hz band-pass, then delay and ERL scaling",
+        "other_echo_path": f"{OTHER_PATH_ORDER}th-order {OTHER_PATH_BAND_HZ[0]:g}-{OTHER_PATH_BAND_HZ[1]:g} Hz band-pass",
+        "other_path_delays_ms": list(OTHER_PATH_DELAYS_MS),
         "bot_audible_tail_ms": BOT_AUDIBLE_TAIL_MS,
         "seed": arguments.seed,
         "seconds": round(time.perf_counter() - started, 1),

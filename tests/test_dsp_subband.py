@@ -1,0 +1,98 @@
+"""Sub-band double-talk detection in the reference gate: band powers, band gains, and early onsets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dsp.echo import ReferenceEchoGate, block_energies
+from dsp.echo_path import line_noise, simulate_echo, to_int16
+from dsp.g711 import ulaw_encode
+from dsp.inbound import InboundFrameAnalyzer
+from dsp.level import rms
+from dsp.subband import BAND_BINS, BAND_COUNT, band_powers
+
+FRAME = 160
+NOISE_RMS = 30.0
+NARROW_HYBRID = {"hybrid_band_hz": (400.0, 2800.0), "hybrid_order": 4}
+
+
+def frames(samples: np.ndarray) -> list[np.ndarray]:
+    return [samples[i:i + FRAME] for i in range(0, len(samples) - FRAME + 1, FRAME)]
+
+
+def onset_frames(near: np.ndarray, far: np.ndarray) -> list[int]:
+    analyzer = InboundFrameAnalyzer("reference", min_rms=200.0, vad_aggressiveness=2, voice_frames=6, debounce_ms=350)
+    payloads = frames(ulaw_encode(near))
+    return [
+        index
+        for index, (payload, far_frame) in enumerate(zip(payloads, frames(far)))
+        if analyzer.analyze(payload.tobytes(), far_frame, True, 20.0 * index).onset
+    ]
+
+
+def first_loud_frame(samples: np.ndarray) -> int:
+    return next(index for index, frame in enumerate(frames(samples)) if rms(frame) > 300.0)
+
+
+def test_band_powers_sum_the_rfft_bins_of_each_band():
+    rows = np.random.default_rng(0).normal(0.0, 1000.0, (3, FRAME))
+    bin_powers = np.abs(np.fft.rfft(rows)) ** 2
+    expected = bin_powers[:, 1:].reshape(3, BAND_COUNT, BAND_BINS).sum(axis=2)
+    np.testing.assert_allclose(band_powers(rows), expected, rtol=1e-9)
+
+
+def test_block_energies_refuse_anything_but_a_frame_pair():
+    with pytest.raises(ValueError, match=r"shape \(2, 160\), got \(160,\)"):
+        block_energies(np.zeros(FRAME))
+
+
+def test_band_gains_follow_a_coloured_echo_path(speech_clip):
+    far = speech_clip("bot_answer_en.wav").astype(np.float64)
+    near = simulate_echo(far, 93.0, 6.0, **NARROW_HYBRID) + line_noise(len(far), NOISE_RMS, np.random.default_rng(1))
+    gate = ReferenceEchoGate()
+    for near_frame, far_frame in zip(frames(to_int16(near)), frames(to_int16(far))):
+        gate.accepts(near_frame, far_frame, bot_audible=True)
+    band_gains_db = 10.0 * np.log10(gate.subbands.band_gains)
+    # Bands 1-2 (300-800 Hz) sit in the hybrid's pass band, band 0 (50-300 Hz) well below its 400 Hz edge.
+    assert gate.echo_delay_ms == pytest.approx(93.0, abs=5.0)
+    assert band_gains_db[1:3].min() > band_gains_db[0] + 10.0
+    # In the pass band the echo comes back louder than the 6 dB broadband return loss.
+    assert band_gains_db[2:8].max() > -6.0
+
+
+@pytest.mark.parametrize(("delay_ms", "hybrid"), [(37.0, NARROW_HYBRID), (161.0, NARROW_HYBRID), (110.0, {})])
+def test_echo_alone_hardly_passes_once_the_bands_are_measured_and_never_fires(speech_clip, delay_ms, hybrid):
+    far = speech_clip("bot_greeting_en.wav").astype(np.float64)
+    far = np.concatenate([far, far])
+    near = simulate_echo(far, delay_ms, 6.0, **hybrid) + line_noise(len(far), NOISE_RMS, np.random.default_rng(2))
+    near, far = to_int16(near), to_int16(far)
+    gate = ReferenceEchoGate()
+    passed_after_measuring = []
+    for near_frame, far_frame in zip(frames(near), frames(far)):
+        measured = gate.subbands.excess_weights is not None
+        passed = gate.accepts(near_frame, far_frame, bot_audible=True)
+        if measured:
+            passed_after_measuring.append(passed)
+    assert len(passed_after_measuring) > 500
+    # A steep hybrid rings past the far end's onsets and stops: a stray frame may pass, never a run.
+    assert sum(passed_after_measuring) <= 0.01 * len(passed_after_measuring)
+    assert onset_frames(near, far) == []
+
+
+@pytest.mark.parametrize("caller_clip", ["caller_interrupt_en.wav", "caller_question_en.wav"])
+def test_a_caller_quieter_than_the_echo_fires_within_two_frames_of_the_floor(speech_clip, caller_clip):
+    bot = speech_clip("bot_answer_en.wav").astype(np.float64)
+    echo = simulate_echo(bot, 110.0, 6.0)
+    caller = speech_clip(caller_clip).astype(np.float64)
+    caller_at = 3 * 8000
+    caller_span = slice(caller_at, caller_at + len(caller))
+    # Scale the caller 3 dB under the echo it talks over: broadband energy alone cannot tell them apart.
+    caller *= rms(echo[caller_span]) / rms(caller) * 10.0 ** (-3.0 / 20.0)
+    near = echo + line_noise(len(bot), NOISE_RMS, np.random.default_rng(3))
+    near[caller_span] += caller[: len(bot) - caller_at]
+    onsets = onset_frames(to_int16(near), to_int16(bot))
+    speech_frame = caller_at // FRAME + first_loud_frame(caller)
+    assert onsets, "the caller talking over the bot was never detected"
+    # Six voiced frames is the floor; the broadband rule alone needed several more here.
+    assert speech_frame < onsets[0] <= speech_frame + 6 + 2
