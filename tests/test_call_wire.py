@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import pytest
@@ -47,21 +48,32 @@ class ScriptedRealtimeServer:
             self.closed_at.append(trio.current_time())
 
 
-async def call_with(model: ScriptedRealtimeServer, tmp_path, script, *, calls: int = 1, **overrides):
-    """Serve with `model` as the OpenAI endpoint and place `calls` phone calls running `script`."""
-    phones = [SimulatedPhone(seed=number) for number in range(calls)]
+@asynccontextmanager
+async def serving(model: ScriptedRealtimeServer, tmp_path, **overrides):
+    """callgate on a free port, with `model` as its OpenAI endpoint; yields the port."""
     async with trio.open_nursery() as nursery:
         model_server = await nursery.start(serve_websocket, model.handle, "127.0.0.1", 0, None)
         settings = Settings(
             database_url=f"sqlite:///{tmp_path / 'calls.db'}", port=0, openai_api_key="sk-test",
             realtime_url=f"ws://127.0.0.1:{model_server.port}/v1/realtime", **overrides)
-        port = await nursery.start(serve, settings)
-        async with trio.open_nursery() as call_nursery:
-            for number, phone in enumerate(phones):
-                call_nursery.start_soon(run_phone_call, "127.0.0.1", port, f"CA{number:032d}", script, phone)
+        yield await nursery.start(serve, settings)
         await trio.sleep(1.5)  # the server's side of each call winds down after the phone's stop
         nursery.cancel_scope.cancel()
+
+
+async def call_with(model: ScriptedRealtimeServer, tmp_path, script, *, calls: int = 1, **overrides):
+    """Place `calls` phone calls running `script` against callgate serving with `model`."""
+    phones = [SimulatedPhone(seed=number) for number in range(calls)]
+    async with serving(model, tmp_path, **overrides) as port, trio.open_nursery() as call_nursery:
+        for number, phone in enumerate(phones):
+            call_nursery.start_soon(run_phone_call, "127.0.0.1", port, f"CA{number:032d}", script, phone)
     return phones
+
+
+def start_frame(call_sid: str, token: str, encoding: str = "audio/x-mulaw") -> str:
+    return json.dumps({"event": "start", "streamSid": "MZ1", "start": {
+        "streamSid": "MZ1", "callSid": call_sid, "customParameters": {"token": token},
+        "mediaFormat": {"encoding": encoding, "sampleRate": 8000, "channels": 1}}})
 
 
 def talk_for(seconds: float):
@@ -131,17 +143,11 @@ async def test_a_lost_model_link_ends_only_its_own_call(tmp_path, autojump_clock
 async def test_bad_carrier_frames_are_logged_and_the_call_goes_on(tmp_path, autojump_clock, caplog):
     caplog.set_level(logging.INFO, logger="callgate")
     model = ScriptedRealtimeServer()
-    async with trio.open_nursery() as nursery:
-        model_server = await nursery.start(serve_websocket, model.handle, "127.0.0.1", 0, None)
-        settings = Settings(database_url=f"sqlite:///{tmp_path / 'c.db'}", port=0, openai_api_key="sk-test",
-                            realtime_url=f"ws://127.0.0.1:{model_server.port}/v1/realtime",
-                            stream_token_secret="shared-secret")
-        port = await nursery.start(serve, settings)
+    async with serving(model, tmp_path, stream_token_secret="shared-secret") as port:
         call_sid = "CA" + "9" * 32
         token = twilio.stream_token("shared-secret", call_sid)
         async with open_websocket_url(f"ws://127.0.0.1:{port}/media/twilio") as socket:
-            await socket.send_message(json.dumps({"event": "start", "streamSid": "MZ1", "start": {
-                "streamSid": "MZ1", "callSid": call_sid, "customParameters": {"token": token}}}))
+            await socket.send_message(start_frame(call_sid, token))
             await socket.send_message("{not json")
             await socket.send_message(b"\x00\x01")
             await socket.send_message(json.dumps({"event": "media", "streamSid": "MZ1",
@@ -150,8 +156,6 @@ async def test_bad_carrier_frames_are_logged_and_the_call_goes_on(tmp_path, auto
                                                   "media": {"payload": "AAAA", "chunk": "1"}}))
             await socket.send_message(json.dumps({"event": "dtmf", "streamSid": "MZ1", "dtmf": {"digit": "7"}}))
             await trio.sleep(0.5)
-        await trio.sleep(0.5)
-        nursery.cancel_scope.cancel()
     text = caplog.text
     assert f"call={call_sid} [CARRIER] bad frame from carrier ignored why='malformed JSON" in text
     assert f"call={call_sid} [CARRIER] binary frame from carrier ignored" in text
@@ -162,29 +166,17 @@ async def test_bad_carrier_frames_are_logged_and_the_call_goes_on(tmp_path, auto
     assert "call ended reason=carrier_closed" in text
 
 
-def start_frame(call_sid: str, token: str, encoding: str = "audio/x-mulaw") -> str:
-    return json.dumps({"event": "start", "streamSid": "MZ1", "start": {
-        "streamSid": "MZ1", "callSid": call_sid, "customParameters": {"token": token},
-        "mediaFormat": {"encoding": encoding, "sampleRate": 8000, "channels": 1}}})
-
-
 @pytest.mark.parametrize("token_for, encoding, why", [
     ("CA2", "audio/x-mulaw", "bad or missing token"),
     ("CA1", "audio/x-alaw", "audio must be audio/x-mulaw at 8000 Hz, got audio/x-alaw at 8000 Hz"),
 ])
 async def test_a_stream_that_cannot_be_bridged_is_refused(tmp_path, autojump_clock, caplog, token_for, encoding, why):
     model = ScriptedRealtimeServer()
-    async with trio.open_nursery() as nursery:
-        model_server = await nursery.start(serve_websocket, model.handle, "127.0.0.1", 0, None)
-        settings = Settings(database_url=f"sqlite:///{tmp_path / 'c.db'}", port=0, openai_api_key="sk-test",
-                            realtime_url=f"ws://127.0.0.1:{model_server.port}/v1/realtime",
-                            stream_token_secret="shared")
-        port = await nursery.start(serve, settings)
+    async with serving(model, tmp_path, stream_token_secret="shared") as port:
         async with open_websocket_url(f"ws://127.0.0.1:{port}/media/twilio") as socket:
             await socket.send_message(start_frame("CA1", twilio.stream_token("shared", token_for), encoding))
             with pytest.raises(ConnectionClosed):
                 await socket.get_message()
-        nursery.cancel_scope.cancel()
     assert model.requests == []
     assert f"call=CA1 [TWILIO] media stream refused why={why!r}" in caplog.text
 
@@ -192,12 +184,7 @@ async def test_a_stream_that_cannot_be_bridged_is_refused(tmp_path, autojump_clo
 async def test_a_second_stream_for_a_live_call_is_refused_and_the_first_goes_on(tmp_path, autojump_clock, caplog):
     caplog.set_level(logging.INFO, logger="callgate")
     model = ScriptedRealtimeServer()
-    async with trio.open_nursery() as nursery:
-        model_server = await nursery.start(serve_websocket, model.handle, "127.0.0.1", 0, None)
-        settings = Settings(database_url=f"sqlite:///{tmp_path / 'c.db'}", port=0, openai_api_key="sk-test",
-                            realtime_url=f"ws://127.0.0.1:{model_server.port}/v1/realtime",
-                            stream_token_secret="shared")
-        port = await nursery.start(serve, settings)
+    async with serving(model, tmp_path, stream_token_secret="shared") as port:
         token = twilio.stream_token("shared", "CA1")
         async with open_websocket_url(f"ws://127.0.0.1:{port}/media/twilio") as first:
             await first.send_message(start_frame("CA1", token))
@@ -208,8 +195,6 @@ async def test_a_second_stream_for_a_live_call_is_refused_and_the_first_goes_on(
                     await second.get_message()
             await first.send_message(json.dumps({"event": "dtmf", "streamSid": "MZ1", "dtmf": {"digit": "4"}}))
             await trio.sleep(0.5)
-        await trio.sleep(1.5)
-        nursery.cancel_scope.cancel()
     assert "call=CA1 [TWILIO] media stream refused why='this call already has a media stream'" in caplog.text
     assert "call=CA1 [DTMF] caller pressed a key digit=4" in caplog.text
     assert "call=CA1 [CALL] call ended reason=carrier_closed" in caplog.text
