@@ -12,7 +12,7 @@ import trio
 from trio_websocket import ConnectionClosed, open_websocket_url, serve_websocket
 
 from app.carriers import twilio
-from app.carriers.simulated_twilio import SimulatedPhone, post_voice_webhook, run_phone_call
+from app.carriers.simulated_twilio import SimulatedPhone, run_phone_call
 from app.server import serve
 from app.settings import Settings
 from tests.realtime_schemas import SDK_CLIENT_EVENTS
