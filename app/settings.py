@@ -55,6 +55,17 @@ class Settings:
     # Storage
     database_url: str = "sqlite:///callgate.db"
 
+    # WhatsApp broadcasts (the seed's 2 msg/s and 3 retries)
+    default_region: str = "IL"
+    whatsapp_api_base: str = "https://graph.facebook.com"
+    whatsapp_api_version: str = "v21.0"
+    whatsapp_phone_number_id: str = ""
+    whatsapp_access_token: str = field(default="", repr=False)
+    whatsapp_app_secret: str = field(default="", repr=False)
+    whatsapp_verify_token: str = field(default="", repr=False)
+    broadcast_rate_limit: float = 2.0
+    broadcast_max_retries: int = 3
+
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise SettingsError(f"CALLGATE_PORT must be 0-65535 (0: any free port), got {self.port}")
@@ -80,6 +91,10 @@ class Settings:
             raise SettingsError(
                 f"CALLGATE_BARGE_IN_VOICE_FRAMES must be at least 1, got {self.barge_in_voice_frames}"
             )
+        if self.broadcast_rate_limit <= 0:
+            raise SettingsError(f"BROADCAST_RATE_LIMIT must be above 0 messages/s, got {self.broadcast_rate_limit}")
+        if self.broadcast_max_retries < 0:
+            raise SettingsError(f"BROADCAST_MAX_RETRIES must be 0 or more, got {self.broadcast_max_retries}")
         if self.playback_chunk_ms < 20 or self.playback_chunk_ms % 20:
             raise SettingsError(
                 f"CALLGATE_PLAYBACK_CHUNK_MS must be a positive multiple of 20, got {self.playback_chunk_ms}"
@@ -102,7 +117,18 @@ class Settings:
         return cls(**values)
 
 
-_UNPREFIXED = {"openai_api_key": "OPENAI_API_KEY", "database_url": "DATABASE_URL"}
+_UNPREFIXED = {
+    "openai_api_key": "OPENAI_API_KEY",
+    "database_url": "DATABASE_URL",
+    "whatsapp_api_base": "WHATSAPP_API_BASE",
+    "whatsapp_api_version": "WHATSAPP_API_VERSION",
+    "whatsapp_phone_number_id": "WHATSAPP_PHONE_NUMBER_ID",
+    "whatsapp_access_token": "WHATSAPP_ACCESS_TOKEN",
+    "whatsapp_app_secret": "WHATSAPP_APP_SECRET",
+    "whatsapp_verify_token": "WHATSAPP_VERIFY_TOKEN",
+    "broadcast_rate_limit": "BROADCAST_RATE_LIMIT",
+    "broadcast_max_retries": "BROADCAST_MAX_RETRIES",
+}
 
 
 def _env_name(field_name: str) -> str:
