@@ -48,12 +48,20 @@ class WhatsappBroadcast(BaseModel):
     message_type = peewee.CharField(max_length=20, default="template")
     template_id = peewee.CharField(max_length=100, null=True)
     template_name = peewee.CharField(max_length=200, null=True)
+    template_language = peewee.CharField(max_length=20, null=True)
     message_text = peewee.TextField(null=True)
     audience_filter = JSONTextField(null=True)
     status = peewee.CharField(max_length=20, default="pending")
     total_recipients = peewee.IntegerField(default=0)
     sent_count = peewee.IntegerField(default=0)
     failed_count = peewee.IntegerField(default=0)
+    delivered_count = peewee.IntegerField(default=0)
+    read_count = peewee.IntegerField(default=0)
+    unknown_count = peewee.IntegerField(default=0)
+    paused_reason = peewee.TextField(null=True)
+    rate_per_second = peewee.FloatField(null=True)
+    # The next free send slot, shared by every worker: claims reserve slots from max(this, now) on.
+    send_slot_at = peewee.DateTimeField(null=True)
     created_by = peewee.CharField(max_length=200, null=True)
     created_at = peewee.DateTimeField(default=utc_now)
     started_at = peewee.DateTimeField(null=True)
@@ -71,8 +79,12 @@ class WhatsappBroadcastRecipient(BaseModel):
     )
     business = peewee.ForeignKeyField(Business, column_name="business_id")
     phone = peewee.CharField(max_length=20)
+    name = peewee.CharField(max_length=200, null=True)
     lead_id = peewee.CharField(max_length=64, null=True)
     status = peewee.CharField(max_length=20, default="queued")
+    claimed_by = peewee.CharField(max_length=100, null=True)
+    lease_expires_at = peewee.DateTimeField(null=True)
+    error_code = peewee.IntegerField(null=True)
     error_message = peewee.TextField(null=True)
     message_id = peewee.CharField(max_length=200, null=True)
     attempts = peewee.IntegerField(default=0)
@@ -84,6 +96,75 @@ class WhatsappBroadcastRecipient(BaseModel):
 
     class Meta:
         table_name = "whatsapp_broadcast_recipients"
+
+
+BROADCAST_STATUSES = ("pending", "running", "paused", "completed", "partial", "failed", "cancelled")
+FINISHED_BROADCAST_STATUSES = frozenset({"completed", "partial", "failed", "cancelled"})
+RECIPIENT_STATUSES = ("queued", "sending", "sent", "delivered", "read", "failed", "unknown")
+
+# The recipient statuses each broadcast counter counts: a funnel, so a read message was also sent and delivered.
+COUNTED_STATUSES = {
+    "sent_count": frozenset({"sent", "delivered", "read"}),
+    "delivered_count": frozenset({"delivered", "read"}),
+    "read_count": frozenset({"read"}),
+    "failed_count": frozenset({"failed"}),
+    "unknown_count": frozenset({"unknown"}),
+}
+
+
+def counter_changes(from_status: str, to_status: str) -> dict[str, int]:
+    """How each broadcast counter moves when one recipient goes from `from_status` to `to_status`."""
+    changes = {
+        counter: (to_status in statuses) - (from_status in statuses) for counter, statuses in COUNTED_STATUSES.items()
+    }
+    return {counter: change for counter, change in changes.items() if change}
+
+
+def move_recipients(
+    broadcast_id: int, from_status: str, to_status: str, *conditions: peewee.Expression, **fields: object
+) -> int:
+    """Move the broadcast's recipients in `from_status` (and matching `conditions`) to `to_status`.
+
+    The rows and the broadcast's counters change in one transaction, and only rows still in
+    `from_status` move, so of two workers or callbacks racing on a row exactly one counts it.
+    Locks recipient rows before the broadcast row; claims that lock the broadcast first must
+    take recipients with SKIP LOCKED. Returns how many rows moved.
+    """
+    recipient = WhatsappBroadcastRecipient
+    with recipient._meta.database.atomic():
+        moved_count = (
+            recipient.update(status=to_status, **fields)
+            .where(recipient.broadcast == broadcast_id, recipient.status == from_status, *conditions)
+            .execute()
+        )
+        changes = counter_changes(from_status, to_status)
+        if moved_count and changes:
+            counters = {
+                getattr(WhatsappBroadcast, counter): getattr(WhatsappBroadcast, counter) + change * moved_count
+                for counter, change in changes.items()
+            }
+            WhatsappBroadcast.update(counters).where(WhatsappBroadcast.id == broadcast_id).execute()
+    return moved_count
+
+
+def recipient_status_counts(broadcast_id: int) -> dict[str, int]:
+    """How many of the broadcast's recipients are in each status, counted from the rows (every status present)."""
+    recipient = WhatsappBroadcastRecipient
+    rows = (
+        recipient.select(recipient.status, peewee.fn.COUNT(recipient.id))
+        .where(recipient.broadcast == broadcast_id)
+        .group_by(recipient.status)
+        .tuples()
+    )
+    return {status: 0 for status in RECIPIENT_STATUSES} | dict(rows)
+
+
+def counters_from_rows(broadcast_id: int) -> dict[str, int]:
+    """What the broadcast's stored counters must equal, derived from its recipients."""
+    by_status = recipient_status_counts(broadcast_id)
+    return {
+        counter: sum(by_status.get(status, 0) for status in statuses) for counter, statuses in COUNTED_STATUSES.items()
+    }
 
 
 class Call(BaseModel):

@@ -47,7 +47,7 @@ def database(database_url):
 def migrations_package(tmp_path, monkeypatch):
     """Build an importable copy of the real migrations, edited or extended, and load it.
 
-    Call it with `extra={"0006_name.py": source}` to add modules and `edit={"0002_...py": text}`
+    Call it with `extra={"0007_name.py": source}` to add modules and `edit={"0002_...py": text}`
     to append text to a copied one; it returns the package name, for load_migrations().
     """
     monkeypatch.syspath_prepend(str(tmp_path))

@@ -122,7 +122,9 @@ def test_a_dry_run_reports_the_plan_and_changes_nothing(database):
     assert snapshot(database) == before
 
 
-@pytest.mark.parametrize("stopped_before", ["0004_broadcast_stop_columns", "0005_call_records"])
+@pytest.mark.parametrize(
+    "stopped_before", ["0004_broadcast_stop_columns", "0005_call_records", "0006_broadcast_sending"]
+)
 def test_an_upgrade_from_an_older_database_keeps_its_rows(database, stopped_before):
     migrations = load_migrations()
     applied_count = ALL_NAMES.index(stopped_before)
@@ -149,7 +151,7 @@ def test_an_upgrade_from_an_older_database_keeps_its_rows(database, stopped_befo
 
 
 def test_a_failing_migration_rolls_back_and_names_itself(database, migrations_package):
-    migrations = load_migrations(migrations_package(extra={"0006_broken.py": BROKEN_MIGRATION}))
+    migrations = load_migrations(migrations_package(extra={"0007_broken.py": BROKEN_MIGRATION}))
     apply_migrations(database, migrations=migrations[:-1])
     Business.create(name="Acme")
     before = snapshot(database)
@@ -157,8 +159,8 @@ def test_a_failing_migration_rolls_back_and_names_itself(database, migrations_pa
     with pytest.raises(MigrationError) as caught:
         apply_migrations(database, migrations=migrations)
 
-    assert caught.value.migration_name == "0006_broken"
-    assert str(caught.value).startswith("migration 0006_broken: failed and was rolled back")
+    assert caught.value.migration_name == "0007_broken"
+    assert str(caught.value).startswith("migration 0007_broken: failed and was rolled back")
     assert snapshot(database) == before
     assert migration_status(database, migrations=migrations)[-1].state == PENDING
 
@@ -167,7 +169,7 @@ def test_an_edited_applied_migration_is_refused_before_anything_is_applied(datab
     apply_migrations(database)
     edited = load_migrations(migrations_package(
         edit={"0002_whatsapp_broadcasts.py": "\n# a late edit\n"},
-        extra={"0006_slow.py": SLOW_MIGRATION},
+        extra={"0007_slow.py": SLOW_MIGRATION},
     ))
     before = snapshot(database)
 
@@ -182,12 +184,12 @@ def test_an_edited_applied_migration_is_refused_before_anything_is_applied(datab
 
 
 def test_a_database_from_a_newer_version_is_refused(database, migrations_package):
-    apply_migrations(database, migrations=load_migrations(migrations_package(extra={"0006_slow.py": SLOW_MIGRATION})))
+    apply_migrations(database, migrations=load_migrations(migrations_package(extra={"0007_slow.py": SLOW_MIGRATION})))
 
     with pytest.raises(MigrationError) as caught:
         apply_migrations(database)
 
-    assert caught.value.migration_name == "0006_slow"
+    assert caught.value.migration_name == "0007_slow"
     assert "does not have it" in str(caught.value)
 
 
@@ -213,6 +215,7 @@ def test_a_legacy_database_is_adopted_without_losing_rows(database, with_recipie
         "0003_whatsapp_broadcast_recipients": ADOPTED if with_recipients else APPLIED,
         "0004_broadcast_stop_columns": APPLIED,
         "0005_call_records": APPLIED,
+        "0006_broadcast_sending": APPLIED,
     }
     assert table_rows(database, "whatsapp_broadcasts", broadcast_columns) == broadcasts_before
     assert table_rows(database, "whatsapp_broadcast_recipients", recipient_columns) == recipients_before
@@ -237,7 +240,7 @@ def test_an_adopted_broadcast_table_gets_the_stop_columns_and_works_with_the_mod
 def test_processes_migrating_at_once_apply_each_migration_exactly_once(
     database, database_url, migrations_package, tmp_path
 ):
-    package = migrations_package(extra={"0006_slow.py": SLOW_MIGRATION})
+    package = migrations_package(extra={"0007_slow.py": SLOW_MIGRATION})
     gate = tmp_path / "go"
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     processes = [
@@ -254,7 +257,7 @@ def test_processes_migrating_at_once_apply_each_migration_exactly_once(
 
     assert [process.returncode for process in processes] == [0, 0, 0], [stderr for _, stderr in results]
     applied_by_each = [json.loads(stdout) for stdout, _ in results]
-    every_name = ALL_NAMES + ["0006_slow"]
+    every_name = ALL_NAMES + ["0007_slow"]
     assert sorted(name for names in applied_by_each for name in names) == sorted(every_name)
     recorded = database.execute_sql("SELECT name FROM schema_migrations ORDER BY id").fetchall()
     assert [name for name, in recorded] == every_name

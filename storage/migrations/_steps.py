@@ -44,3 +44,38 @@ def add_missing_columns(migrator: SchemaMigrator, table: str, **fields: peewee.F
     """add_column operations for those of `fields` that `table` lacks (adopted tables vary)."""
     present = {column.name for column in migrator.database.get_columns(table)}
     return [migrator.add_column(table, name, field) for name, field in fields.items() if name not in present]
+
+
+def add_missing_counters(migrator: SchemaMigrator, table: str, *names: str) -> list:
+    """Columns INTEGER NOT NULL DEFAULT 0 that `table` lacks, added in one statement each (no table rebuild)."""
+    counter = peewee.IntegerField(constraints=server_default("0"))
+    present = {column.name for column in migrator.database.get_columns(table)}
+    return [migrator.add_column(table, name, counter, allow_not_null=True) for name in names if name not in present]
+
+
+class ExecuteSQL:
+    """A step running one SQL statement: the data changes a schema change needs."""
+
+    def __init__(self, migrator: SchemaMigrator, sql: str) -> None:
+        self.database = migrator.database
+        self.sql = sql
+
+    def run(self) -> None:
+        self.database.execute_sql(self.sql)
+
+
+def add_missing_index(migrator: SchemaMigrator, table: str, name: str, columns: tuple[str, ...]) -> list:
+    """A step creating index `name` unless `table` already has an index on exactly `columns` (under any name)."""
+    if any(tuple(index.columns) == columns for index in migrator.database.get_indexes(table)):
+        return []
+    column_list = ", ".join(f'"{column}"' for column in columns)
+    return [ExecuteSQL(migrator, f'CREATE INDEX "{name}" ON "{table}" ({column_list})')]
+
+
+def drop_indexes_on(migrator: SchemaMigrator, table: str, columns: tuple[str, ...]) -> list:
+    """drop_index operations for the non-unique indexes of `table` on exactly `columns`, whatever their names."""
+    return [
+        migrator.drop_index(table, index.name)
+        for index in migrator.database.get_indexes(table)
+        if tuple(index.columns) == columns and not index.unique
+    ]
