@@ -1,10 +1,12 @@
 """One port for plain HTTP and WebSocket: h11 reads the request head, then either answers it or
-hands the untouched bytes to trio-websocket for the upgrade."""
+hands the untouched bytes to trio-websocket for the upgrade. Plain HTTP connections are kept alive
+(HTTP/1.1) until the client says `Connection: close` or stays idle for KEEP_ALIVE_IDLE_S."""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 from urllib.parse import parse_qsl, urlsplit
@@ -18,6 +20,7 @@ logger = logging.getLogger("callgate.http")
 MAX_HEAD_BYTES = 16 * 1024
 MAX_BODY_BYTES = 1024 * 1024
 REQUEST_TIMEOUT_S = 10
+KEEP_ALIVE_IDLE_S = 30
 CARRIER_MAX_MESSAGE_BYTES = 64 * 1024  # a Twilio frame is well under 1 KiB; a big one is an attack
 
 
@@ -82,35 +85,30 @@ class _ReplayStream(trio.abc.Stream):
 
 
 class Router:
-    """Routes by (method, path) for HTTP and by path for WebSocket upgrades."""
+    """Routes by (method, path) for HTTP and by path for WebSocket upgrades. An HTTP path may hold
+    `{name}` segments, each matching one non-empty path segment."""
 
     def __init__(self) -> None:
         self._http: dict[tuple[str, str], HttpHandler] = {}
+        self._http_patterns: list[tuple[str, re.Pattern[str], HttpHandler]] = []
         self._websocket: dict[str, WebSocketHandler] = {}
 
     def http(self, method: str, path: str, handler: HttpHandler) -> None:
-        self._http[(method, path)] = handler
+        if "{" in path:
+            pattern = re.sub(r"\\\{\w+\\\}", "[^/]+", re.escape(path))
+            self._http_patterns.append((method, re.compile(pattern), handler))
+        else:
+            self._http[(method, path)] = handler
 
     def websocket(self, path: str, handler: WebSocketHandler) -> None:
         self._websocket[path] = handler
 
     async def handle_connection(self, stream: trio.abc.Stream) -> None:
-        """Serve one TCP connection: one HTTP request, or one WebSocket for as long as it lives."""
+        """Serve one TCP connection: HTTP requests one after another while the client keeps it
+        alive, or one WebSocket for as long as it lives. Always closes the stream on the way out."""
         connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
-        received = bytearray()
         try:
-            with trio.fail_after(REQUEST_TIMEOUT_S):
-                request = await _next_h11_event(connection, stream, received)
-            if not isinstance(request, h11.Request):
-                return
-            headers = {name.decode().lower(): value.decode("latin-1") for name, value in request.headers}
-            if headers.get("upgrade", "").lower() == "websocket":
-                await self._serve_websocket(_ReplayStream(stream, bytes(received)))
-                return
-            with trio.fail_after(REQUEST_TIMEOUT_S):
-                body = await _read_body(connection, stream, received)
-                http_request = HttpRequest(request.method.decode(), request.target.decode(), headers, body)
-                await _send_response(connection, stream, await self._answer(http_request))
+            await self._serve_requests(connection, stream)
         except h11.RemoteProtocolError as error:
             logger.warning("call=- [HTTP] bad request refused why=%r", str(error))
             await _send_bad_request(stream, str(error))
@@ -122,10 +120,72 @@ class Router:
         finally:
             await stream.aclose()
 
-    async def _answer(self, request: HttpRequest) -> HttpResponse:
+    async def _serve_requests(self, connection: h11.Connection, stream: trio.abc.Stream) -> None:
+        first_request = True
+        while True:
+            # Bytes of this request onward, pipelined ones included, for a WebSocket handshake replay.
+            received = bytearray(connection.trailing_data[0])
+            with trio.move_on_after(REQUEST_TIMEOUT_S if first_request else KEEP_ALIVE_IDLE_S) as waiting:
+                request = await _next_h11_event(connection, stream, received)
+            if waiting.cancelled_caught:
+                if first_request:
+                    raise trio.TooSlowError
+                return  # an idle keep-alive connection ends quietly: that is its normal end
+            if not isinstance(request, h11.Request):
+                return
+            headers = {name.decode().lower(): value.decode("latin-1") for name, value in request.headers}
+            if headers.get("upgrade", "").lower() == "websocket":
+                await self._serve_websocket(_ReplayStream(stream, bytes(received)))
+                return
+            with trio.fail_after(REQUEST_TIMEOUT_S):
+                body = await _read_body(connection, stream, received)
+            http_request = HttpRequest(request.method.decode(), request.target.decode(), headers, body)
+            response = await self._answer_while_client_stays(connection, stream, http_request)
+            if response is None:
+                return
+            with trio.fail_after(REQUEST_TIMEOUT_S):
+                await _send_response(connection, stream, response)
+            if connection.our_state is not h11.DONE or connection.their_state is not h11.DONE:
+                return
+            connection.start_next_cycle()
+            first_request = False
+
+    async def _answer_while_client_stays(
+        self, connection: h11.Connection, stream: trio.abc.Stream, request: HttpRequest
+    ) -> HttpResponse | None:
+        """Run the handler, cancelling it if the client closes the connection meanwhile (then None;
+        a client that shuts its sending side counts as gone). A handler may take as long as it
+        likes: the request timeout guards against slow clients, not against our own handlers."""
+        response = None
+
+        async def cancel_on_hang_up(handler_scope: trio.CancelScope) -> None:
+            try:
+                chunk = await stream.receive_some(65536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                chunk = b""  # a reset is a hang-up too; raised here it would arrive wrapped in a group
+            if chunk:
+                connection.receive_data(chunk)  # a pipelined next request: keep it, stop watching
+            else:
+                handler_scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cancel_on_hang_up, nursery.cancel_scope)
+            response = await self._answer(request)
+            nursery.cancel_scope.cancel()
+        return response
+
+    def _handler_for(self, request: HttpRequest) -> HttpHandler | None:
         handler = self._http.get((request.method, request.path))
+        if handler is not None:
+            return handler
+        return next((handler for method, pattern, handler in self._http_patterns
+                     if method == request.method and pattern.fullmatch(request.path)), None)
+
+    async def _answer(self, request: HttpRequest) -> HttpResponse:
+        handler = self._handler_for(request)
         if handler is None:
-            known_path = any(path == request.path for _, path in self._http)
+            known_path = (any(path == request.path for _, path in self._http)
+                          or any(pattern.fullmatch(request.path) for _, pattern, _ in self._http_patterns))
             return HttpResponse(405 if known_path else 404, b"method not allowed" if known_path else b"not found")
         return await handler(request)
 
@@ -179,7 +239,6 @@ async def _send_response(connection: h11.Connection, stream: trio.abc.Stream, re
     headers = [
         ("Content-Type", response.content_type),
         ("Content-Length", str(len(response.body))),
-        ("Connection", "close"),
         *response.headers.items(),
     ]
     head = connection.send(h11.Response(status_code=response.status, headers=headers))

@@ -1,4 +1,5 @@
-"""The one port: health, Twilio's voice webhook with its signature, WebSocket upgrades, unknown paths."""
+"""The one port: health, Twilio's voice webhook with its signature, WebSocket upgrades, unknown paths,
+kept-alive connections."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from trio_websocket import HandshakeError, open_websocket_url
 
 from app.carriers import twilio
 from app.carriers.simulated_twilio import stream_from_twiml
+from app.http import KEEP_ALIVE_IDLE_S
 from app.server import serve
 from app.settings import Settings
 
@@ -104,4 +106,36 @@ async def test_the_webhook_passes_a_numbers_business_and_barge_in_choice_to_the_
         _, parameters = stream_from_twiml(body.decode())
         assert (status, parameters["business_id"], parameters["barge_in"]) == (200, "3", "false")
         assert "other" not in parameters
+    await with_server(tmp_path, check)
+
+
+HEALTH = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+async def test_a_connection_serves_requests_until_the_client_says_close(tmp_path, autojump_clock):
+    async def check(port):
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+            # Pipelined: the third asks to close, so the server must not wait out the idle timeout.
+            await stream.send_all(HEALTH + HEALTH + HEALTH.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+            response = b""
+            with trio.fail_after(KEEP_ALIVE_IDLE_S / 2):
+                while chunk := await stream.receive_some(65536):
+                    response += chunk
+        assert response.count(b"HTTP/1.1 200 ") == 3
+        assert response.lower().count(b"connection: close") == 1
+    await with_server(tmp_path, check)
+
+
+async def test_an_idle_kept_alive_connection_is_closed_after_the_idle_timeout(tmp_path, autojump_clock):
+    async def check(port):
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+            await stream.send_all(HEALTH)
+            response = b""
+            while not response.endswith(b"}"):
+                response += await stream.receive_some(65536)
+            with trio.move_on_after(KEEP_ALIVE_IDLE_S - 1) as still_open:
+                await stream.receive_some(65536)
+            assert still_open.cancelled_caught
+            with trio.fail_after(2):
+                assert await stream.receive_some(65536) == b""
     await with_server(tmp_path, check)
