@@ -15,6 +15,7 @@ import trio.testing
 
 from app.logs import configure_logging
 from app.settings import Settings, SettingsError
+from app.whatsapp import cli as whatsapp_cli
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     mode = migrate.add_mutually_exclusive_group()
     mode.add_argument("--list", action="store_true", help="list migrations and whether they are applied")
     mode.add_argument("--dry-run", action="store_true", help="say what would be applied, change nothing")
+    whatsapp_cli.add_commands(commands)
     args = parser.parse_args(argv)
 
     try:
@@ -42,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(settings)
     if args.command == "simulate":
         return _simulate(settings, fast=args.fast, plot_path=args.plot)
+    if args.command in ("business", "broadcast", "whatsapp-sandbox"):
+        return whatsapp_cli.run(args, settings)
     from storage.commands import migrate_command
 
     return migrate_command(settings.database_url, list_only=args.list, dry_run=args.dry_run)
@@ -79,3 +83,7 @@ def _simulate(settings: Settings, *, fast: bool, plot_path: str | None) -> int:
         plot_call(report, plot_path)
         print(f"plot written to {plot_path}")
     return 0 if report.talk_over_ms is not None and not report.greeting_cleared else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

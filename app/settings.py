@@ -65,6 +65,7 @@ class Settings:
     whatsapp_verify_token: str = field(default="", repr=False)
     broadcast_rate_limit: float = 2.0
     broadcast_max_retries: int = 3
+    broadcast_lease_s: float = 30.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -95,6 +96,8 @@ class Settings:
             raise SettingsError(f"BROADCAST_RATE_LIMIT must be above 0 messages/s, got {self.broadcast_rate_limit}")
         if self.broadcast_max_retries < 0:
             raise SettingsError(f"BROADCAST_MAX_RETRIES must be 0 or more, got {self.broadcast_max_retries}")
+        if self.broadcast_lease_s <= 0:
+            raise SettingsError(f"BROADCAST_LEASE_S must be above 0, got {self.broadcast_lease_s}")
         if self.playback_chunk_ms < 20 or self.playback_chunk_ms % 20:
             raise SettingsError(
                 f"CALLGATE_PLAYBACK_CHUNK_MS must be a positive multiple of 20, got {self.playback_chunk_ms}"
@@ -128,6 +131,7 @@ _UNPREFIXED = {
     "whatsapp_verify_token": "WHATSAPP_VERIFY_TOKEN",
     "broadcast_rate_limit": "BROADCAST_RATE_LIMIT",
     "broadcast_max_retries": "BROADCAST_MAX_RETRIES",
+    "broadcast_lease_s": "BROADCAST_LEASE_S",
 }
 
 

@@ -55,7 +55,7 @@ def business_create_command(
         print(business.id, file=out)
         return EXIT_OK
 
-    return _with_database(database_url, err, create)
+    return with_database(database_url, err, create)
 
 
 def broadcast_create_command(
@@ -96,7 +96,7 @@ def broadcast_create_command(
         _report_created(out, broadcast_id, parsed, as_json)
         return EXIT_OK
 
-    return _with_database(database_url, err, create)
+    return with_database(database_url, err, create)
 
 
 def broadcast_status_command(
@@ -113,7 +113,7 @@ def broadcast_status_command(
             _print_status(out, report)
         return EXIT_OK
 
-    return _with_database(database_url, err, show)
+    return with_database(database_url, err, show)
 
 
 def broadcast_pause_command(
@@ -121,7 +121,7 @@ def broadcast_pause_command(
 ) -> int:
     """Pause a pending or running broadcast; workers stop claiming its recipients."""
     fields = {"status": "paused", "paused_reason": f"paused by {by or _os_user()}"}
-    return _with_database(database_url, err, lambda: _change_status(
+    return with_database(database_url, err, lambda: _change_status(
         out, broadcast_id, "paused", allowed_from=ACTIVE_STATUSES, fields=fields,
     ))
 
@@ -132,7 +132,7 @@ def broadcast_resume_command(
     """Resume a paused broadcast: running again if it had started, pending otherwise."""
     started = WhatsappBroadcast.started_at.is_null(False)
     fields = {"status": peewee.Case(None, [(started, "running")], "pending"), "paused_reason": None}
-    return _with_database(database_url, err, lambda: _change_status(
+    return with_database(database_url, err, lambda: _change_status(
         out, broadcast_id, "resumed", allowed_from=("paused",), fields=fields, already=ACTIVE_STATUSES,
     ))
 
@@ -142,12 +142,12 @@ def broadcast_cancel_command(
 ) -> int:
     """Cancel a broadcast that has not finished, recording who stopped it and when; it cannot be resumed."""
     fields = {"status": "cancelled", "stopped_by": by or _os_user(), "stopped_at": utc_now()}
-    return _with_database(database_url, err, lambda: _change_status(
+    return with_database(database_url, err, lambda: _change_status(
         out, broadcast_id, "cancelled", allowed_from=STOPPABLE_STATUSES, fields=fields,
     ))
 
 
-def _with_database(database_url: str, err: TextIO | None, action: Callable[[], int]) -> int:
+def with_database(database_url: str, err: TextIO | None, action: Callable[[], int]) -> int:
     """Open the database, bring its schema up to date, run `action`, and turn failures into exit statuses."""
     err = sys.stderr if err is None else err
     try:
