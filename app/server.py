@@ -16,8 +16,10 @@ from app.http import HttpRequest, HttpResponse, Router
 from app.logs import log_event
 from app.realtime.local import LocalRealtimeModel
 from app.settings import Settings
+from app.whatsapp import webhook
 from storage.db import open_database
 from storage.migrate import apply_migrations
+from storage.records import WhatsappStatusRecord
 from storage.writer import StorageWriter
 
 logger = logging.getLogger("callgate.server")
@@ -26,6 +28,7 @@ START_TIMEOUT_S = 10
 FLUSH_AT_HANG_UP_TIMEOUT_S = 5
 MEDIA_PATH = "/media/twilio"
 CALL_OPTIONS = ("business_id", "barge_in")
+WHATSAPP_WEBHOOK_PATH = "/whatsapp/webhook"
 
 
 class CallgateServer:
@@ -45,6 +48,8 @@ class CallgateServer:
         self.router.http("GET", "/healthz", self.healthz)
         self.router.http("POST", "/twilio/voice", self.twilio_voice)
         self.router.websocket(MEDIA_PATH, self.media_stream)
+        self.router.http("GET", WHATSAPP_WEBHOOK_PATH, self.whatsapp_verification)
+        self.router.http("POST", WHATSAPP_WEBHOOK_PATH, self.whatsapp_callback)
 
     async def healthz(self, request: HttpRequest) -> HttpResponse:
         return HttpResponse.json(200, {"status": "ok", "active_calls": len(self.active_calls)})
@@ -71,6 +76,29 @@ class CallgateServer:
         twiml = twilio.twiml_connect_stream(f"wss://{self.settings.public_host}{MEDIA_PATH}", parameters)
         log_event(logger, call_sid, "TWILIO", "call connected to media stream", **{"from": parameters["from"]})
         return HttpResponse(200, twiml.encode(), "application/xml")
+
+    async def whatsapp_verification(self, request: HttpRequest) -> HttpResponse:
+        status, body = webhook.verification_answer(request.query, self.settings.whatsapp_verify_token)
+        log_event(logger, "-", "WA_WEBHOOK", "verification answered", status=status)
+        return HttpResponse(status, body.encode())
+
+    async def whatsapp_callback(self, request: HttpRequest) -> HttpResponse:
+        """Checked, parsed and queued for the storage writer; answered at once, so Meta never retries a burst."""
+        signature = request.headers.get("x-hub-signature-256", "")
+        if not webhook.signature_is_valid(self.settings.whatsapp_app_secret, request.body, signature):
+            log_event(logger, "-", "WA_WEBHOOK", "callback with a bad or missing signature refused",
+                      level=logging.WARNING)
+            return HttpResponse(403, b"bad X-Hub-Signature-256")
+        try:
+            updates, other_entries = webhook.status_updates(json.loads(request.body))
+        except (json.JSONDecodeError, UnicodeDecodeError, webhook.WebhookPayloadError) as error:
+            log_event(logger, "-", "WA_WEBHOOK", "callback body refused", level=logging.WARNING, why=str(error))
+            return HttpResponse(400, b"not a WhatsApp Business Account notification")
+        for update in updates:
+            self.recorder.submit(WhatsappStatusRecord(
+                update.message_id, update.status, update.at, update.error_code, update.error_title))
+        log_event(logger, "-", "WA_WEBHOOK", "callback queued", statuses=len(updates), other_entries=other_entries)
+        return HttpResponse(200, b"ok")
 
     async def media_stream(self, ws_request: WebSocketRequest) -> None:
         if self.settings.twilio_auth_token and not self._upgrade_signature_is_valid(ws_request):

@@ -18,6 +18,13 @@ def utc_now() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
+def as_utc(moment: datetime) -> datetime:
+    """Naive UTC, the form every stored time takes; a naive input is taken to be UTC already."""
+    if moment.tzinfo is None:
+        return moment
+    return moment.astimezone(timezone.utc).replace(tzinfo=None)
+
+
 class JSONTextField(peewee.TextField):
     """JSON kept in a TEXT column, so SQLite and PostgreSQL share one column type."""
 

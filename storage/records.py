@@ -6,8 +6,15 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 
+class _CallRecordMixin:
+    @property
+    def log_id(self) -> str:
+        """What the `call=` field of a log line about this record names."""
+        return self.call_sid  # type: ignore[attr-defined]
+
+
 @dataclass(frozen=True)
-class CallStarted:
+class CallStarted(_CallRecordMixin):
     call_sid: str
     stream_sid: str
     from_number: str
@@ -17,7 +24,7 @@ class CallStarted:
 
 
 @dataclass(frozen=True)
-class CallEventRecord:
+class CallEventRecord(_CallRecordMixin):
     """One moment of a call; kinds: first_utterance_end, barge_in {"talk_over_ms"}, error, dtmf."""
 
     call_sid: str
@@ -27,7 +34,7 @@ class CallEventRecord:
 
 
 @dataclass(frozen=True)
-class TranscriptTurnRecord:
+class TranscriptTurnRecord(_CallRecordMixin):
     """One spoken turn; a truncated bot turn was cut by barge-in after `heard_ms` of audio."""
 
     call_sid: str
@@ -39,10 +46,22 @@ class TranscriptTurnRecord:
 
 
 @dataclass(frozen=True)
-class CallEnded:
+class CallEnded(_CallRecordMixin):
     call_sid: str
     ended_at: datetime
     end_reason: str
 
 
-CallRecord = CallStarted | CallEventRecord | TranscriptTurnRecord | CallEnded
+@dataclass(frozen=True)
+class WhatsappStatusRecord:
+    """A delivery callback from the WhatsApp webhook, for the recipient that has this message id."""
+
+    message_id: str
+    status: str
+    at: datetime
+    error_code: int | None = None
+    error_title: str = ""
+    log_id: str = "-"
+
+
+CallRecord = CallStarted | CallEventRecord | TranscriptTurnRecord | CallEnded | WhatsappStatusRecord

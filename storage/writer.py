@@ -8,14 +8,16 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import deque
-from datetime import datetime, timezone
 
 import peewee
 import trio
 
 from app.logs import log_event
-from storage.models import Business, Call, CallEvent, TranscriptTurn
-from storage.records import CallEnded, CallEventRecord, CallRecord, CallStarted, TranscriptTurnRecord
+from storage.models import Business, Call, CallEvent, TranscriptTurn, as_utc
+from storage.records import (
+    CallEnded, CallEventRecord, CallRecord, CallStarted, TranscriptTurnRecord, WhatsappStatusRecord,
+)
+from storage.delivery import apply_delivery_status
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +58,7 @@ class StorageWriter:
         """Queue `record` for writing; never blocks, never drops it."""
         if self._stopped:
             log_event(
-                logger, record.call_sid, "STORAGE", "record submitted after the writer stopped; it will not be written",
+                logger, record.log_id, "STORAGE", "record submitted after the writer stopped; it will not be written",
                 level=logging.ERROR, record=type(record).__name__,
             )
         self._pending.append(record)
@@ -137,7 +139,7 @@ class StorageWriter:
             return
         self._over_capacity = True
         log_event(
-            logger, record.call_sid, "STORAGE", "writer queue over capacity; keeping records in memory",
+            logger, record.log_id, "STORAGE", "writer queue over capacity; keeping records in memory",
             level=logging.WARNING, queued=len(self._pending), capacity=self._capacity,
         )
 
@@ -178,6 +180,8 @@ def write_record(database: peewee.Database, record: CallRecord) -> None:
             ).execute(database)
         case CallEnded():
             _end_call(database, record)
+        case WhatsappStatusRecord():
+            apply_delivery_status(record)
         case _:
             raise TypeError(f"not a call record: {type(record).__name__}")
 
@@ -201,23 +205,16 @@ def _end_call(database: peewee.Database, record: CallEnded) -> None:
         raise UnknownCallError(f"no call {record.call_sid} to end")
 
 
-def as_utc(moment: datetime) -> datetime:
-    """Naive UTC, the form every stored time takes; a naive input is taken to be UTC already."""
-    if moment.tzinfo is None:
-        return moment
-    return moment.astimezone(timezone.utc).replace(tzinfo=None)
-
-
 def _log_record_failed(record: CallRecord, error: Exception) -> None:
     log_event(
-        logger, record.call_sid, "STORAGE", "record not written",
+        logger, record.log_id, "STORAGE", "record not written",
         level=logging.ERROR, record=type(record).__name__, error=str(error).strip() or type(error).__name__,
     )
 
 
 def _log_batch_retry(batch: list[CallRecord], error: Exception, attempt: int) -> None:
     log_event(
-        logger, batch[0].call_sid, "STORAGE", "database write failed; retrying",
+        logger, batch[0].log_id, "STORAGE", "database write failed; retrying",
         level=logging.WARNING, records=len(batch), attempt=attempt, error=str(error).strip(),
     )
 
@@ -225,6 +222,6 @@ def _log_batch_retry(batch: list[CallRecord], error: Exception, attempt: int) ->
 def _log_records_lost(batch: list[CallRecord], error: Exception) -> None:
     for record in batch:
         log_event(
-            logger, record.call_sid, "STORAGE", "record lost at shutdown: database unavailable",
+            logger, record.log_id, "STORAGE", "record lost at shutdown: database unavailable",
             level=logging.ERROR, record=type(record).__name__, error=str(error).strip(),
         )

@@ -13,8 +13,9 @@ from app.whatsapp.cloud_api import (
     Rejected, RetryLater, Sent, TokenRejected, classify_response, messages_url, template_message, text_message,
 )
 from app.whatsapp.webhook import (
-    StatusUpdate, WebhookPayloadError, moves_forward, signature_is_valid, status_updates, verification_answer,
+    StatusUpdate, WebhookPayloadError, signature_is_valid, status_updates, verification_answer,
 )
+from storage.delivery import moves_forward
 
 
 def meta_error(code: int, message: str = "boom") -> bytes:

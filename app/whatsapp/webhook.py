@@ -8,9 +8,6 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Mapping
 
-STATUS_ORDER = {"queued": 0, "sending": 1, "unknown": 1, "sent": 2, "delivered": 3, "read": 4}
-
-
 class WebhookPayloadError(ValueError):
     """The body is not a WhatsApp Business Account notification."""
 
@@ -62,10 +59,3 @@ def _status_update(status: dict) -> StatusUpdate:
                             str(errors[0].get("title", "")))
     except (KeyError, TypeError, ValueError) as error:
         raise WebhookPayloadError(f"bad status entry: {type(error).__name__} {error}") from None
-
-
-def moves_forward(current: str, incoming: str) -> bool:
-    """sent < delivered < read; failed may follow a send but never undo a delivery."""
-    if incoming == "failed":
-        return STATUS_ORDER.get(current, 0) <= STATUS_ORDER["sent"]
-    return incoming in STATUS_ORDER and STATUS_ORDER[incoming] > STATUS_ORDER.get(current, 5)
