@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 
 import pytest
@@ -51,3 +52,20 @@ def test_serve_refuses_to_start_on_an_edited_migration(tmp_path, monkeypatch, ca
         connection.execute("UPDATE schema_migrations SET checksum = 'edited' WHERE id = 1")
     assert main(["serve"]) == 1
     assert "start-up stopped" in capsys.readouterr().err
+
+
+def test_broadcast_commands_are_wired(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'b.db'}")
+    assert main(["business", "create", "Acme"]) == 0
+    business_id = capsys.readouterr().out.strip()
+    recipients = tmp_path / "r.csv"
+    recipients.write_text("\ufeffname,phone\nדנה,050-234-5610\nAvi,+972502345611\n", encoding="utf-8")
+    assert main(["broadcast", "create", "--business", business_id, "--name", "spring", "--template", "spring_sale",
+                 "--lang", "he", "--recipients", str(recipients), "--json"]) == 0
+    created = json.loads(capsys.readouterr().out)
+    assert (created["recipients"], created["rejected"]) == (2, [])
+    assert main(["broadcast", "pause", str(created["id"])]) == 0
+    assert main(["broadcast", "send", str(created["id"])]) == 2
+    assert "resume it first" in capsys.readouterr().err
+    assert main(["broadcast", "status", str(created["id"]), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "paused"
