@@ -8,6 +8,7 @@ At most once: a row is `sending` while its request may be on the wire. A lease t
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -15,9 +16,16 @@ import peewee
 
 from app.whatsapp.cloud_api import template_message, text_message
 from storage.db import database_proxy, is_sqlite
-from storage.models import WhatsappBroadcast, WhatsappBroadcastRecipient, move_recipients, recipient_status_counts
+from storage.models import (
+    WhatsappBroadcast, WhatsappBroadcastRecipient, counter_changes, move_recipients, recipient_status_counts,
+)
 
 Recipient = WhatsappBroadcastRecipient
+# Slots start a little after the claim, so a send is not late by the claim's own round trip and a bunch
+# of sends on time behind it do not crowd one second at the provider.
+SLOT_LEAD = timedelta(seconds=0.1)
+# Finished with recipients missed: `send --resend-unknown` may run them again for their unknown outcomes.
+REOPENABLE_STATUSES = ("partial", "failed")
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +35,7 @@ class ClaimedRecipient:
     phone: str
     attempts: int
     send_at: datetime
+    lease_expires_at: datetime
     body: dict
 
 
@@ -42,12 +51,14 @@ def _locked(query: peewee.Select, *, skip_locked: bool = False) -> peewee.Select
     return query.for_update("FOR UPDATE SKIP LOCKED" if skip_locked else "FOR UPDATE")
 
 
-def start(broadcast_id: int, rate_per_second: float, now: datetime) -> str:
-    """pending or running -> running with this rate; returns the status it is in afterwards."""
+def start(broadcast_id: int, rate_per_second: float, now: datetime, *, reopen: bool = False) -> str:
+    """pending or running -> running with this rate (also partial or failed with `reopen`, to resend
+    unknown outcomes); returns the status it is in afterwards."""
+    from_statuses = ("pending", "running") + (REOPENABLE_STATUSES if reopen else ())
     WhatsappBroadcast.update(
-        status="running", rate_per_second=rate_per_second,
+        status="running", rate_per_second=rate_per_second, completed_at=None,
         started_at=peewee.fn.COALESCE(WhatsappBroadcast.started_at, now),
-    ).where(WhatsappBroadcast.id == broadcast_id, WhatsappBroadcast.status.in_(("pending", "running"))).execute()
+    ).where(WhatsappBroadcast.id == broadcast_id, WhatsappBroadcast.status.in_(from_statuses)).execute()
     return status_of(broadcast_id)
 
 
@@ -75,8 +86,9 @@ def requeue_unknown(broadcast_id: int) -> int:
 def claim(broadcast_id: int, worker_id: str, batch_size: int, lease_s: float, now: datetime) -> list[ClaimedRecipient]:
     """Claim up to `batch_size` due recipients and reserve each a send slot from the shared schedule.
 
-    Each claim is leased until `lease_s` after its slot: longer than a request can take, so a live
-    worker always records its result before the lease runs out.
+    The batch is leased until `lease_s` after its last slot; the worker starts no request in the
+    lease's second half and gives up waiting for an answer in its last quarter, so a live worker
+    always records its results before the lease runs out.
 
     The broadcast row is locked for the reservation, so slots never overlap across workers and the
     rate holds for all of them together; recipients are taken with SKIP LOCKED so claims never wait.
@@ -91,22 +103,18 @@ def claim(broadcast_id: int, worker_id: str, batch_size: int, lease_s: float, no
             Recipient.select(Recipient.id, Recipient.phone, Recipient.attempts)
             .where(Recipient.broadcast == broadcast_id, Recipient.status == "queued", due)
             .order_by(Recipient.id).limit(batch_size), skip_locked=True))
+        if not rows:
+            return []
         interval = timedelta(seconds=1 / broadcast.rate_per_second) if broadcast.rate_per_second else timedelta(0)
-        first_slot = max(broadcast.send_slot_at or now, now)
-        claimed = []
-        for index, row in enumerate(rows):
-            send_at = first_slot + index * interval
-            moved = move_recipients(
-                broadcast_id, "queued", "sending", Recipient.id == row.id, claimed_by=worker_id,
-                lease_expires_at=send_at + timedelta(seconds=lease_s),
-                attempts=row.attempts + 1)
-            if moved:
-                claimed.append(ClaimedRecipient(row.id, broadcast_id, row.phone, row.attempts + 1, send_at,
-                                                message_body(broadcast, row.phone)))
-        if claimed:
-            WhatsappBroadcast.update(send_slot_at=first_slot + len(claimed) * interval).where(
-                WhatsappBroadcast.id == broadcast_id).execute()
-    return claimed
+        first_slot = max(broadcast.send_slot_at or now, now + SLOT_LEAD)
+        next_free_slot = first_slot + len(rows) * interval
+        lease_expires_at = next_free_slot + timedelta(seconds=lease_s)
+        # The rows are locked (or the database is, on SQLite), so every one of them moves.
+        move_recipients(broadcast_id, "queued", "sending", Recipient.id.in_([row.id for row in rows]),
+                        claimed_by=worker_id, lease_expires_at=lease_expires_at, attempts=Recipient.attempts + 1)
+        WhatsappBroadcast.update(send_slot_at=next_free_slot).where(WhatsappBroadcast.id == broadcast_id).execute()
+    return [ClaimedRecipient(row.id, broadcast_id, row.phone, row.attempts + 1, first_slot + index * interval,
+                             lease_expires_at, message_body(broadcast, row.phone)) for index, row in enumerate(rows)]
 
 
 def message_body(broadcast: WhatsappBroadcast, phone: str) -> dict:
@@ -115,32 +123,61 @@ def message_body(broadcast: WhatsappBroadcast, phone: str) -> dict:
     return template_message(phone, broadcast.template_name or "", broadcast.template_language or "en")
 
 
-def record_sent(claimed: ClaimedRecipient, message_id: str, now: datetime) -> None:
-    move_recipients(claimed.broadcast_id, "sending", "sent", Recipient.id == claimed.recipient_id,
-                    message_id=message_id, sent_at=now, error_code=None, error_message=None,
-                    claimed_by=None, lease_expires_at=None)
+@dataclass(frozen=True, slots=True)
+class RecipientResult:
+    """Where one claimed recipient goes from `sending`, with the fields that go with it."""
+
+    claimed: ClaimedRecipient
+    status: str
+    fields: dict
 
 
-def record_failed(claimed: ClaimedRecipient, code: int | None, message: str) -> None:
-    move_recipients(claimed.broadcast_id, "sending", "failed", Recipient.id == claimed.recipient_id,
-                    error_code=code, error_message=message, claimed_by=None, lease_expires_at=None)
+def sent(claimed: ClaimedRecipient, message_id: str, now: datetime) -> RecipientResult:
+    return RecipientResult(claimed, "sent", {"message_id": message_id, "sent_at": now, "error_code": None,
+                                             "error_message": None})
 
 
-def record_unknown(claimed: ClaimedRecipient, reason: str) -> None:
-    move_recipients(claimed.broadcast_id, "sending", "unknown", Recipient.id == claimed.recipient_id,
-                    error_message=reason, claimed_by=None, lease_expires_at=None)
+def failed(claimed: ClaimedRecipient, code: int | None, message: str) -> RecipientResult:
+    return RecipientResult(claimed, "failed", {"error_code": code, "error_message": message})
 
 
-def record_retry(claimed: ClaimedRecipient, code: int | None, message: str, next_attempt_at: datetime) -> None:
-    move_recipients(claimed.broadcast_id, "sending", "queued", Recipient.id == claimed.recipient_id,
-                    error_code=code, error_message=message, next_attempt_at=next_attempt_at,
-                    claimed_by=None, lease_expires_at=None)
+def unknown(claimed: ClaimedRecipient, reason: str) -> RecipientResult:
+    return RecipientResult(claimed, "unknown", {"error_message": reason})
 
 
-def release(claimed: ClaimedRecipient) -> None:
+def retry(claimed: ClaimedRecipient, code: int | None, message: str, next_attempt_at: datetime) -> RecipientResult:
+    return RecipientResult(claimed, "queued", {"error_code": code, "error_message": message,
+                                               "next_attempt_at": next_attempt_at})
+
+
+def released(claimed: ClaimedRecipient) -> RecipientResult:
     """Claimed but never sent (paused or cancelled first): back in the queue, the attempt not counted."""
-    move_recipients(claimed.broadcast_id, "sending", "queued", Recipient.id == claimed.recipient_id,
-                    attempts=claimed.attempts - 1, claimed_by=None, lease_expires_at=None)
+    return RecipientResult(claimed, "queued", {"attempts": claimed.attempts - 1})
+
+
+def record_results(broadcast_id: int, results: list[RecipientResult]) -> int:
+    """Move each claimed row out of `sending` and the broadcast's counters with them, in one transaction.
+
+    Only rows still `sending` move: one whose lease expired meanwhile stays `unknown`. Locks the
+    recipient rows before the broadcast row, like move_recipients. Returns how many rows moved.
+    """
+    moved_to: Counter[str] = Counter()
+    with database_proxy.obj.atomic():
+        for result in results:
+            moved_to[result.status] += (
+                Recipient.update(status=result.status, claimed_by=None, lease_expires_at=None, **result.fields)
+                .where(Recipient.id == result.claimed.recipient_id, Recipient.broadcast == broadcast_id,
+                       Recipient.status == "sending")
+                .execute())
+        counter_moves: Counter[str] = Counter()
+        for status, count in moved_to.items():
+            for counter, change in counter_changes("sending", status).items():
+                counter_moves[counter] += change * count
+        if any(counter_moves.values()):
+            WhatsappBroadcast.update({getattr(WhatsappBroadcast, counter): getattr(WhatsappBroadcast, counter) + change
+                                      for counter, change in counter_moves.items() if change}).where(
+                WhatsappBroadcast.id == broadcast_id).execute()
+    return sum(moved_to.values())
 
 
 def pause(broadcast_id: int, reason: str) -> None:

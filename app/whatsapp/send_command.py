@@ -11,7 +11,7 @@ import trio
 
 from app.settings import Settings
 from app.whatsapp import dispatch
-from app.whatsapp.commands import EXIT_OK, EXIT_REFUSED, CommandError, with_database
+from app.whatsapp.commands import EXIT_OK, CommandError, with_database
 from app.whatsapp.worker import BroadcastWorker, SendOptions
 from storage.db import database_proxy, is_sqlite
 from storage.models import WhatsappBroadcast, recipient_status_counts, utc_now
@@ -34,16 +34,18 @@ def broadcast_send_command(
         status = dispatch.status_of(broadcast_id)
         if status == "missing":
             raise CommandError(f"no broadcast with id {broadcast_id}")
-        if status not in ("pending", "running"):
+        reopen = resend_unknown and status in dispatch.REOPENABLE_STATUSES
+        if status not in ("pending", "running") and not reopen:
             raise CommandError(f"broadcast {broadcast_id} is {status}; only a pending or running one can be sent"
-                               + (" (resume it first)" if status == "paused" else ""))
+                               + (" (resume it first)" if status == "paused" else "")
+                               + (" (or use --resend-unknown)" if status in dispatch.REOPENABLE_STATUSES else ""))
         process_count = workers
         if workers > 1 and is_sqlite(database_proxy.obj):
             print(f"SQLite allows one sending worker; running 1, not {workers}", file=err)
             process_count = 1
         if resend_unknown:
             print(f"{dispatch.requeue_unknown(broadcast_id)} recipients of unknown outcome queued again", file=out)
-        dispatch.start(broadcast_id, options.rate_per_second, utc_now())
+        dispatch.start(broadcast_id, options.rate_per_second, utc_now(), reopen=reopen)
         helpers = [_spawn_worker(broadcast_id) for _ in range(process_count - 1)]
         try:
             final = trio.run(_send_with_progress, settings, broadcast_id, options, out)

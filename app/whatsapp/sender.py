@@ -30,7 +30,9 @@ def new_client(max_connections: int, lease_s: float) -> httpx.AsyncClient:
     )
 
 
-async def post_message(client: httpx.AsyncClient, url: str, access_token: str, body: dict) -> SendOutcome | OutcomeUnknown:
+async def post_message(
+    client: httpx.AsyncClient, url: str, access_token: str, body: dict,
+) -> SendOutcome | OutcomeUnknown:
     try:
         response = await client.post(url, json=body, headers={"Authorization": f"Bearer {access_token}"})
     except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as error:

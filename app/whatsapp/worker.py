@@ -1,8 +1,9 @@
 """Broadcast workers: thin trio loops around the dispatch functions, which run in threads.
 
 A worker claims a batch with reserved send slots, sends each message at its slot over one pooled
-client, and records each result; it re-reads the broadcast's status at least every second, so a
-pause or cancel stops it within a second and its unsent claims go back to the queue.
+client, and hands each result to one writer that records them a batch per transaction. It re-reads
+the broadcast's status at least every second, so a pause or cancel stops it within a second and
+its unsent claims go back to the queue.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ STATUS_POLL_S = 0.5  # pause and cancel take effect within a second
 IDLE_POLL_S = 0.5
 MAX_IN_FLIGHT = 64
 MAX_BATCH = 200
+RESULTS_PER_TRANSACTION = 50
+RESULTS_BUFFER = MAX_IN_FLIGHT  # senders wait for the writer rather than outrun their leases
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,8 @@ class BroadcastWorker:
                                  settings.whatsapp_phone_number_id)
         self._rng = random.Random()
         self._status = "running"
+        self._token_refusal: str | None = None
+        self._db_limiter = trio.CapacityLimiter(1)
 
     def log(self, message: str, *, level: int = logging.INFO, **fields: object) -> None:
         log_event(logger, "-", "BROADCAST", message, level=level, broadcast=self.broadcast_id, worker=self.worker_id,
@@ -69,78 +74,107 @@ class BroadcastWorker:
 
     async def run(self) -> str:
         """Send until done, paused or cancelled; returns the broadcast's status then."""
-        batch_size = max(1, min(MAX_BATCH, int(self.options.rate_per_second) if not dispatch.unlimited(
-            self.options.rate_per_second) else MAX_BATCH))
-        async with new_client(MAX_IN_FLIGHT, self.settings.broadcast_lease_s) as client, trio.open_nursery() as nursery:
-            nursery.start_soon(self._watch_status)
-            in_flight = trio.CapacityLimiter(MAX_IN_FLIGHT)
-            while self._status == "running":
-                await trio.to_thread.run_sync(dispatch.expire_leases, self.broadcast_id, utc_now())
-                claimed = await trio.to_thread.run_sync(
-                    dispatch.claim, self.broadcast_id, self.worker_id, batch_size, self.settings.broadcast_lease_s,
-                    utc_now())
-                if claimed:
-                    for recipient in claimed:
-                        await in_flight.acquire_on_behalf_of(recipient.recipient_id)
-                        nursery.start_soon(self._send_one, client, recipient, in_flight)
-                    # Keep claims about one batch ahead of the slots, not the whole broadcast.
-                    await trio.sleep_until(_trio_time_of(claimed[-1].send_at) - 1.0)
-                    continue
-                wait_s = await trio.to_thread.run_sync(dispatch.seconds_until_next_due, self.broadcast_id, utc_now())
-                if wait_s is None:
-                    break
-                await trio.sleep(min(max(wait_s, 0.05), IDLE_POLL_S))
-            nursery.cancel_scope.cancel()
+        # About one second of slots a claim; unlimited, as many as can be in flight, so claims wait in no queue.
+        batch_size = MAX_IN_FLIGHT if dispatch.unlimited(self.options.rate_per_second) else max(
+            1, min(MAX_BATCH, int(self.options.rate_per_second)))
+        results_in, results_out = trio.open_memory_channel[dispatch.RecipientResult](RESULTS_BUFFER)
+        async with new_client(MAX_IN_FLIGHT, self.settings.broadcast_lease_s) as client, \
+                trio.open_nursery() as recording:
+            recording.start_soon(self._record_results, results_out)
+            async with results_in, trio.open_nursery() as sending:
+                sending.start_soon(self._watch_status)
+                in_flight = trio.CapacityLimiter(MAX_IN_FLIGHT)
+                while self._status == "running":
+                    await self._in_db_thread(dispatch.expire_leases, self.broadcast_id, utc_now())
+                    claimed = await self._in_db_thread(
+                        dispatch.claim, self.broadcast_id, self.worker_id, batch_size,
+                        self.settings.broadcast_lease_s, utc_now())
+                    if claimed:
+                        for recipient in claimed:
+                            await in_flight.acquire_on_behalf_of(recipient.recipient_id)
+                            sending.start_soon(self._send_one, client, recipient, in_flight, results_in)
+                        # Keep claims about one batch ahead of the slots, not the whole broadcast.
+                        await trio.sleep_until(_trio_time_of(claimed[-1].send_at) - 1.0)
+                        continue
+                    wait_s = await self._in_db_thread(dispatch.seconds_until_next_due, self.broadcast_id, utc_now())
+                    if wait_s is None:
+                        break
+                    await trio.sleep(min(max(wait_s, 0.05), IDLE_POLL_S))
+                sending.cancel_scope.cancel()
         return await self._wind_up()
 
+    async def _in_db_thread(self, function: Callable, *args: object):
+        # One database call at a time per worker: one connection, not one per thread trio happens to start.
+        return await trio.to_thread.run_sync(function, *args, limiter=self._db_limiter)
+
     async def _wind_up(self) -> str:
-        status = await trio.to_thread.run_sync(dispatch.status_of, self.broadcast_id)
+        status = await self._in_db_thread(dispatch.status_of, self.broadcast_id)
         if status == "running":
-            status = await trio.to_thread.run_sync(dispatch.finish, self.broadcast_id, utc_now())
+            status = await self._in_db_thread(dispatch.finish, self.broadcast_id, utc_now())
         self.log("worker stopped", status=status)
         return status
 
     async def _watch_status(self) -> None:
         while True:
             await trio.sleep(STATUS_POLL_S)
-            self._status = await trio.to_thread.run_sync(dispatch.status_of, self.broadcast_id)
+            self._status = await self._in_db_thread(dispatch.status_of, self.broadcast_id)
 
-    async def _send_one(self, client, recipient: ClaimedRecipient, in_flight: trio.CapacityLimiter) -> None:
+    async def _send_one(self, client, recipient: ClaimedRecipient, in_flight: trio.CapacityLimiter,
+                        results: trio.MemorySendChannel) -> None:
         try:
             try:
                 await trio.sleep_until(_trio_time_of(recipient.send_at))
             except trio.Cancelled:
                 with trio.CancelScope(shield=True):  # stopped before sending: the claim goes back to the queue
-                    await trio.to_thread.run_sync(dispatch.release, recipient)
+                    await results.send(dispatch.released(recipient))
                 raise
-            if self._status != "running":
-                await trio.to_thread.run_sync(dispatch.release, recipient)
+            lease_ends = _trio_time_of(recipient.lease_expires_at)
+            lease_s = self.settings.broadcast_lease_s
+            if self._status != "running" or trio.current_time() > lease_ends - lease_s / 2:
+                await results.send(dispatch.released(recipient))  # no request went out: safe to queue again
                 return
             with trio.CancelScope(shield=True):  # once the request may be on the wire, its result must be kept
-                outcome = await post_message(client, self._url, self.settings.whatsapp_access_token, recipient.body)
-                await self._record(recipient, outcome)
+                outcome = OutcomeUnknown("no answer in time to record it within the claim's lease")
+                with trio.move_on_at(lease_ends - lease_s / 4):
+                    outcome = await post_message(client, self._url, self.settings.whatsapp_access_token,
+                                                 recipient.body)
+                await results.send(self._result_of(recipient, outcome))
         finally:
             in_flight.release_on_behalf_of(recipient.recipient_id)
 
-    async def _record(self, recipient: ClaimedRecipient, outcome) -> None:
+    async def _record_results(self, results: trio.MemoryReceiveChannel) -> None:
+        """Write results a batch per transaction until every sender is done, even when the worker is cancelled."""
+        with trio.CancelScope(shield=True):
+            async for first in results:
+                batch = [first]
+                while len(batch) < RESULTS_PER_TRANSACTION:
+                    try:
+                        batch.append(results.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                await self._in_db_thread(dispatch.record_results, self.broadcast_id, batch)
+                for result in batch:
+                    if result.status != "queued":
+                        self._on_result(result.status)
+                if self._token_refusal is not None and self._status == "running":
+                    await self._in_db_thread(dispatch.pause, self.broadcast_id, self._token_refusal)
+                    self._status = "paused"
+                    self.log("broadcast paused", level=logging.ERROR, why=self._token_refusal)
+
+    def _result_of(self, recipient: ClaimedRecipient, outcome) -> dispatch.RecipientResult:
         match outcome:
             case Sent(message_id):
-                await trio.to_thread.run_sync(dispatch.record_sent, recipient, message_id, utc_now())
-                self._on_result("sent")
+                return dispatch.sent(recipient, message_id, utc_now())
             case RetryLater(code, message) if recipient.attempts <= self.options.max_retries:
-                due = utc_now() + timedelta(seconds=retry_delay_s(recipient.attempts, self._rng))
-                await trio.to_thread.run_sync(dispatch.record_retry, recipient, code, message, due)
                 self.log("send will be retried", level=logging.WARNING, code=code, attempt=recipient.attempts)
+                due = utc_now() + timedelta(seconds=retry_delay_s(recipient.attempts, self._rng))
+                return dispatch.retry(recipient, code, message, due)
             case RetryLater(code, message) | Rejected(code, message):
-                await trio.to_thread.run_sync(dispatch.record_failed, recipient, code, message)
-                self._on_result("failed")
+                return dispatch.failed(recipient, code, message)
             case TokenRejected(code, message):
-                await trio.to_thread.run_sync(dispatch.release, recipient)
-                reason = f"access token refused by the Cloud API (code {code}): {message}"
-                await trio.to_thread.run_sync(dispatch.pause, self.broadcast_id, reason)
-                self._status = "paused"
-                self.log("broadcast paused", level=logging.ERROR, why=reason)
+                self._token_refusal = f"access token refused by the Cloud API (code {code}): {message}"
+                return dispatch.released(recipient)
             case OutcomeUnknown(reason):
-                await trio.to_thread.run_sync(dispatch.record_unknown, recipient, reason)
-                self._on_result("unknown")
                 self.log("send outcome unknown; not resent", level=logging.WARNING, why=reason)
+                return dispatch.unknown(recipient, reason)
+        raise AssertionError(f"unhandled send outcome {outcome!r}")
