@@ -24,9 +24,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-import psycopg2
 
-from storage.db import open_database
+from storage.db import open_database, run_outside_transaction
 from storage.migrate import apply_migrations
 from storage.models import Business, WhatsappBroadcast, WhatsappBroadcastRecipient, recipient_status_counts
 
@@ -42,24 +41,14 @@ def allocated_phones(count: int) -> list[str]:
     return [f"+9725{2 + index // 10_000_000}{index % 10_000_000:07d}" for index in range(count)]
 
 
-def run_on_server(server_url: str, statement: str) -> None:
-    connection = psycopg2.connect(server_url)
-    connection.autocommit = True
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute(statement)
-    finally:
-        connection.close()
-
-
 @contextmanager
 def throwaway_database(server_url: str) -> Iterator[str]:
     name = f"callgate_bench_{uuid.uuid4().hex[:12]}"
-    run_on_server(server_url, f'CREATE DATABASE "{name}"')
+    run_outside_transaction(server_url, f'CREATE DATABASE "{name}"')
     try:
         yield server_url.rsplit("/", 1)[0] + "/" + name
     finally:
-        run_on_server(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        run_outside_transaction(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @contextmanager

@@ -6,6 +6,7 @@ import time
 from urllib.parse import urlsplit, urlunsplit
 
 import peewee
+import psycopg2
 from playhouse.db_url import connect
 
 # The models bind to this proxy; open_database() points it at the real database.
@@ -63,3 +64,14 @@ def redacted(database_url: str) -> str:
         return database_url
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+def run_outside_transaction(server_url: str, statement: str) -> None:
+    """Run one statement in autocommit, as CREATE/DROP DATABASE need, on the PostgreSQL server at `server_url`."""
+    connection = psycopg2.connect(server_url)
+    connection.autocommit = True
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(statement)
+    finally:
+        connection.close()

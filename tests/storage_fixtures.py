@@ -10,10 +10,9 @@ import sys
 import uuid
 from pathlib import Path
 
-import psycopg2
 import pytest
 
-from storage.db import is_sqlite, open_database
+from storage.db import is_sqlite, open_database, run_outside_transaction
 
 PG_URL_VARIABLE = "CALLGATE_TEST_PG_URL"
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "storage" / "migrations"
@@ -29,11 +28,11 @@ def database_url(request, tmp_path):
     if not server_url:
         pytest.skip(f"{PG_URL_VARIABLE} is not set")
     name = f"callgate_test_{uuid.uuid4().hex[:12]}"
-    _run_on_server(server_url, f'CREATE DATABASE "{name}"')
+    run_outside_transaction(server_url, f'CREATE DATABASE "{name}"')
     try:
         yield server_url.rsplit("/", 1)[0] + "/" + name
     finally:
-        _run_on_server(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        run_outside_transaction(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture
@@ -66,16 +65,6 @@ def migrations_package(tmp_path, monkeypatch):
     yield build
     for name in [name for name in sys.modules if name.startswith("test_migrations_")]:
         del sys.modules[name]
-
-
-def _run_on_server(server_url: str, statement: str) -> None:
-    connection = psycopg2.connect(server_url)
-    connection.autocommit = True
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute(statement)
-    finally:
-        connection.close()
 
 
 def snapshot(database) -> dict:
