@@ -28,4 +28,3 @@ def configure_logging(level: str) -> None:
     handler.setLevel(level.upper())
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     logging.basicConfig(level=level.upper(), handlers=[handler])
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the broadcast's own

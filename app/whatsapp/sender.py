@@ -1,15 +1,16 @@
-"""One message to the Cloud API over a shared httpx client, and what its fate means for a retry."""
+"""One message to the Cloud API over the worker's pooled HTTP client, and what its fate means for a retry."""
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 
-import httpx
-
+from app.http_client import HttpClient, NoAnswer, RequestNotSent
 from app.whatsapp.cloud_api import RetryLater, SendOutcome, classify_response
 
 REQUEST_TIMEOUT_S = 10.0
+CONNECT_TIMEOUT_S = 5.0
 RETRY_BASE_DELAY_S = 1.0
 RETRY_MAX_DELAY_S = 60.0
 
@@ -21,25 +22,22 @@ class OutcomeUnknown:
     reason: str
 
 
-def new_client(max_connections: int, lease_s: float) -> httpx.AsyncClient:
-    """One pooled client per worker: connection reuse, bounded concurrency, and timeouts on every phase,
-    well inside the claim's lease so a live worker always records its result before the lease ends."""
-    return httpx.AsyncClient(
-        timeout=httpx.Timeout(min(REQUEST_TIMEOUT_S, lease_s / 2)),
-        limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
-    )
+def new_client(max_connections: int, lease_s: float) -> HttpClient:
+    """One pooled client per worker: connection reuse, bounded concurrency, and a timeout on the whole
+    exchange well inside the claim's lease, so a live worker always records its result before the lease ends."""
+    timeout_s = min(REQUEST_TIMEOUT_S, lease_s / 2)
+    return HttpClient(max_connections=max_connections, timeout_s=timeout_s, connect_timeout_s=CONNECT_TIMEOUT_S)
 
 
-async def post_message(
-    client: httpx.AsyncClient, url: str, access_token: str, body: dict,
-) -> SendOutcome | OutcomeUnknown:
+async def post_message(client: HttpClient, url: str, access_token: str, body: dict) -> SendOutcome | OutcomeUnknown:
     try:
-        response = await client.post(url, json=body, headers={"Authorization": f"Bearer {access_token}"})
-    except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as error:
-        return RetryLater(None, f"not sent: {type(error).__name__}")  # the request never left this machine
-    except (httpx.TimeoutException, httpx.TransportError) as error:
-        return OutcomeUnknown(f"{type(error).__name__} after the request went out")
-    return classify_response(response.status_code, response.content)
+        answer = await client.post(url, json.dumps(body, ensure_ascii=False).encode(), {
+            "Authorization": f"Bearer {access_token}", "Content-Type": "application/json"})
+    except RequestNotSent as error:
+        return RetryLater(None, f"not sent: {error}")
+    except NoAnswer as error:
+        return OutcomeUnknown(str(error))
+    return classify_response(answer.status, answer.body)
 
 
 def retry_delay_s(attempt: int, rng: random.Random) -> float:
