@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
@@ -59,6 +60,12 @@ HttpHandler = Callable[[HttpRequest], Awaitable[HttpResponse]]
 WebSocketHandler = Callable[[WebSocketRequest], Awaitable[None]]
 
 
+@dataclass(frozen=True, slots=True)
+class HttpRoute:
+    handler: HttpHandler
+    may_hold: bool  # watched for the client hanging up, at the cost of a task per request
+
+
 class _ReplayStream(trio.abc.Stream):
     """The client's stream with the bytes we already read put back in front, for the WebSocket handshake."""
 
@@ -89,16 +96,18 @@ class Router:
     `{name}` segments, each matching one non-empty path segment."""
 
     def __init__(self) -> None:
-        self._http: dict[tuple[str, str], HttpHandler] = {}
-        self._http_patterns: list[tuple[str, re.Pattern[str], HttpHandler]] = []
+        self._http: dict[tuple[str, str], HttpRoute] = {}
+        self._http_patterns: list[tuple[str, re.Pattern[str], HttpRoute]] = []
         self._websocket: dict[str, WebSocketHandler] = {}
 
-    def http(self, method: str, path: str, handler: HttpHandler) -> None:
+    def http(self, method: str, path: str, handler: HttpHandler, *, may_hold: bool = False) -> None:
+        """Route to `handler`. One that `may_hold` a request open for long is cancelled when the client hangs up."""
+        route = HttpRoute(handler, may_hold)
         if "{" in path:
             pattern = re.sub(r"\\\{\w+\\\}", "[^/]+", re.escape(path))
-            self._http_patterns.append((method, re.compile(pattern), handler))
+            self._http_patterns.append((method, re.compile(pattern), route))
         else:
-            self._http[(method, path)] = handler
+            self._http[(method, path)] = route
 
     def websocket(self, path: str, handler: WebSocketHandler) -> None:
         self._websocket[path] = handler
@@ -121,73 +130,54 @@ class Router:
             await stream.aclose()
 
     async def _serve_requests(self, connection: h11.Connection, stream: trio.abc.Stream) -> None:
-        first_request = True
-        while True:
-            # Bytes of this request onward, pipelined ones included, for a WebSocket handshake replay.
-            received = bytearray(connection.trailing_data[0])
-            with trio.move_on_after(REQUEST_TIMEOUT_S if first_request else KEEP_ALIVE_IDLE_S) as waiting:
+        # One deadline for the connection, moved at each phase: a timeout scope per phase cost a third of a request.
+        with trio.CancelScope() as timer:
+            idle = False  # waiting for a kept-alive connection's next request, whose silence ends it quietly
+            while True:
+                # Bytes of this request onward, pipelined ones included, for a WebSocket handshake replay.
+                received = bytearray(connection.trailing_data[0])
+                timer.deadline = trio.current_time() + (KEEP_ALIVE_IDLE_S if idle else REQUEST_TIMEOUT_S)
                 request = await _next_h11_event(connection, stream, received)
-            if waiting.cancelled_caught:
-                if first_request:
-                    raise trio.TooSlowError
-                return  # an idle keep-alive connection ends quietly: that is its normal end
-            if not isinstance(request, h11.Request):
-                return
-            headers = {name.decode().lower(): value.decode("latin-1") for name, value in request.headers}
-            if headers.get("upgrade", "").lower() == "websocket":
-                await self._serve_websocket(_ReplayStream(stream, bytes(received)))
-                return
-            with trio.fail_after(REQUEST_TIMEOUT_S):
+                if not isinstance(request, h11.Request):
+                    return
+                idle = False
+                headers = {name.decode().lower(): value.decode("latin-1") for name, value in request.headers}
+                if headers.get("upgrade", "").lower() == "websocket":
+                    timer.deadline = math.inf
+                    await self._serve_websocket(_ReplayStream(stream, bytes(received)))
+                    return
                 body = await _read_body(connection, stream, received)
-            http_request = HttpRequest(request.method.decode(), request.target.decode(), headers, body)
-            response = await self._answer_while_client_stays(connection, stream, http_request)
-            if response is None:
-                return
-            with trio.fail_after(REQUEST_TIMEOUT_S):
+                http_request = HttpRequest(request.method.decode(), request.target.decode(), headers, body)
+                timer.deadline = math.inf  # the request timeout guards against slow clients, not our own handlers
+                response = await self._answer(connection, stream, http_request)
+                if response is None:
+                    return
+                timer.deadline = trio.current_time() + REQUEST_TIMEOUT_S
                 await _send_response(connection, stream, response)
-            if connection.our_state is not h11.DONE or connection.their_state is not h11.DONE:
-                return
-            connection.start_next_cycle()
-            first_request = False
+                if connection.our_state is not h11.DONE or connection.their_state is not h11.DONE:
+                    return
+                connection.start_next_cycle()
+                idle = True
+        if timer.cancelled_caught and not idle:
+            raise trio.TooSlowError
 
-    async def _answer_while_client_stays(
-        self, connection: h11.Connection, stream: trio.abc.Stream, request: HttpRequest
-    ) -> HttpResponse | None:
-        """Run the handler, cancelling it if the client closes the connection meanwhile (then None;
-        a client that shuts its sending side counts as gone). A handler may take as long as it
-        likes: the request timeout guards against slow clients, not against our own handlers."""
-        response = None
-
-        async def cancel_on_hang_up(handler_scope: trio.CancelScope) -> None:
-            try:
-                chunk = await stream.receive_some(65536)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                chunk = b""  # a reset is a hang-up too; raised here it would arrive wrapped in a group
-            if chunk:
-                connection.receive_data(chunk)  # a pipelined next request: keep it, stop watching
-            else:
-                handler_scope.cancel()
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(cancel_on_hang_up, nursery.cancel_scope)
-            response = await self._answer(request)
-            nursery.cancel_scope.cancel()
-        return response
-
-    def _handler_for(self, request: HttpRequest) -> HttpHandler | None:
-        handler = self._http.get((request.method, request.path))
-        if handler is not None:
-            return handler
-        return next((handler for method, pattern, handler in self._http_patterns
-                     if method == request.method and pattern.fullmatch(request.path)), None)
-
-    async def _answer(self, request: HttpRequest) -> HttpResponse:
-        handler = self._handler_for(request)
-        if handler is None:
+    async def _answer(self, connection: h11.Connection, stream: trio.abc.Stream,
+                      request: HttpRequest) -> HttpResponse | None:
+        route = self._route_for(request)
+        if route is None:
             known_path = (any(path == request.path for _, path in self._http)
                           or any(pattern.fullmatch(request.path) for _, pattern, _ in self._http_patterns))
             return HttpResponse(405 if known_path else 404, b"method not allowed" if known_path else b"not found")
-        return await handler(request)
+        if route.may_hold:
+            return await _answer_while_client_stays(connection, stream, route.handler, request)
+        return await route.handler(request)
+
+    def _route_for(self, request: HttpRequest) -> HttpRoute | None:
+        route = self._http.get((request.method, request.path))
+        if route is not None:
+            return route
+        return next((route for method, pattern, route in self._http_patterns
+                     if method == request.method and pattern.fullmatch(request.path)), None)
 
     async def _serve_websocket(self, stream: trio.abc.Stream) -> None:
         async with trio.open_nursery() as nursery:
@@ -197,6 +187,30 @@ class Router:
                 await ws_request.reject(404, body=b"no WebSocket at this path")
                 return
             await handler(ws_request)
+
+
+async def _answer_while_client_stays(
+    connection: h11.Connection, stream: trio.abc.Stream, handler: HttpHandler, request: HttpRequest
+) -> HttpResponse | None:
+    """Run the handler, cancelling it if the client closes the connection meanwhile (then None;
+    a client that shuts its sending side counts as gone)."""
+    response = None
+
+    async def cancel_on_hang_up(handler_scope: trio.CancelScope) -> None:
+        try:
+            chunk = await stream.receive_some(65536)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            chunk = b""  # a reset is a hang-up too; raised here it would arrive wrapped in a group
+        if chunk:
+            connection.receive_data(chunk)  # a pipelined next request: keep it, stop watching
+        else:
+            handler_scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(cancel_on_hang_up, nursery.cancel_scope)
+        response = await handler(request)
+        nursery.cancel_scope.cancel()
+    return response
 
 
 async def _receive_into(stream: trio.abc.Stream, received: bytearray) -> bytes:

@@ -3,13 +3,15 @@ kept-alive connections."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import trio
 from trio_websocket import HandshakeError, open_websocket_url
 
 from app.carriers import twilio
 from app.carriers.simulated_twilio import stream_from_twiml
-from app.http import KEEP_ALIVE_IDLE_S
+from app.http import KEEP_ALIVE_IDLE_S, REQUEST_TIMEOUT_S, HttpRequest, HttpResponse, Router
 from app.server import serve
 from app.settings import Settings
 
@@ -139,3 +141,62 @@ async def test_an_idle_kept_alive_connection_is_closed_after_the_idle_timeout(tm
             with trio.fail_after(2):
                 assert await stream.receive_some(65536) == b""
     await with_server(tmp_path, check)
+
+
+async def with_router(router: Router, test) -> None:
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, router.handle_connection, 0, host="127.0.0.1"))
+        await test(listeners[0].socket.getsockname()[1])
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_handler_may_take_longer_than_the_request_timeout(autojump_clock):
+    async def slow(request: HttpRequest) -> HttpResponse:
+        await trio.sleep(REQUEST_TIMEOUT_S * 3)
+        return HttpResponse(200, b"done")
+
+    router = Router()
+    router.http("GET", "/slow", slow)
+
+    async def check(port):
+        assert await http(port, b"GET /slow HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n") == (200, b"done")
+    await with_router(router, check)
+
+
+async def test_a_client_that_stalls_in_its_body_is_cut_off_at_the_request_timeout(autojump_clock):
+    async def check(port):
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+            await stream.send_all(post("/twilio/voice", "CallSid=CA42")[:-4])
+            started = trio.current_time()
+            assert await stream.receive_some(65536) == b""
+            assert REQUEST_TIMEOUT_S <= trio.current_time() - started < REQUEST_TIMEOUT_S + 1
+    await with_router(Router(), check)
+
+
+async def test_only_a_route_that_may_hold_is_cancelled_when_its_client_hangs_up(autojump_clock):
+    endings: dict[str, str] = {}
+
+    def handler_ending_in(name: str):
+        async def handler(request: HttpRequest) -> HttpResponse:
+            try:
+                await trio.sleep(5)
+            except trio.Cancelled:
+                endings[name] = "cancelled"
+                raise
+            endings[name] = "answered"
+            return HttpResponse(200, b"late")
+        return handler
+
+    router = Router()
+    router.http("GET", "/hold", handler_ending_in("hold"), may_hold=True)
+    router.http("GET", "/quick", handler_ending_in("quick"))
+
+    async def check(port):
+        for path in ("/hold", "/quick"):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            await trio.sleep(1)
+            await stream.aclose()
+        await trio.sleep(10)
+    await with_router(router, check)
+    assert endings == {"hold": "cancelled", "quick": "answered"}

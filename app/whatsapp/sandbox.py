@@ -152,6 +152,11 @@ class CloudApiSandbox:
         self._id_draws = random.Random(f"ids-{seed}")
         self.accepted_count = 0
 
+    @property
+    def may_hold(self) -> bool:
+        """Whether some answers are held back (injected timeouts)."""
+        return any(isinstance(rate.failure, NeverAnswer) for rate in self._failure_rates)
+
     def handle(self, request: HttpRequest, received_at_s: float) -> SandboxReply:
         """Validate `request`, then draw a failure; an accepted message gets an id and a record line."""
         message = self._validated_message(request)

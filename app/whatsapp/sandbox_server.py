@@ -31,7 +31,7 @@ class SandboxService:
         self._sandbox = sandbox
         self._record_file = record_file
         self.router = Router()
-        self.router.http("POST", MESSAGES_PATH, self.send_message)
+        self.router.http("POST", MESSAGES_PATH, self.send_message, may_hold=sandbox.may_hold)
         self.connections_opened = 0
         self.requests_on_hold = 0
 
