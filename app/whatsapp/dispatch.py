@@ -156,28 +156,45 @@ def released(claimed: ClaimedRecipient) -> RecipientResult:
 
 
 def record_results(broadcast_id: int, results: list[RecipientResult]) -> int:
-    """Move each claimed row out of `sending` and the broadcast's counters with them, in one transaction.
+    """Move each claimed row out of `sending` and the broadcast's counters with them, in one transaction
+    and one UPDATE per kind of move.
 
     Only rows still `sending` move: one whose lease expired meanwhile stays `unknown`. Locks the
     recipient rows before the broadcast row, like move_recipients. Returns how many rows moved.
     """
-    moved_to: Counter[str] = Counter()
+    groups: dict[tuple[str, tuple[str, ...]], list[RecipientResult]] = {}
+    for result in results:
+        groups.setdefault((result.status, tuple(result.fields)), []).append(result)
+    counter_moves: Counter[str] = Counter()
+    moved_count = 0
     with database_proxy.obj.atomic():
-        for result in results:
-            moved_to[result.status] += (
-                Recipient.update(status=result.status, claimed_by=None, lease_expires_at=None, **result.fields)
-                .where(Recipient.id == result.claimed.recipient_id, Recipient.broadcast == broadcast_id,
-                       Recipient.status == "sending")
-                .execute())
-        counter_moves: Counter[str] = Counter()
-        for status, count in moved_to.items():
+        for (status, _), group in groups.items():
+            moved = (Recipient.update(status=status, claimed_by=None, lease_expires_at=None, **_per_row_fields(group))
+                     .where(Recipient.id.in_([result.claimed.recipient_id for result in group]),
+                            Recipient.broadcast == broadcast_id, Recipient.status == "sending")
+                     .execute())
+            moved_count += moved
             for counter, change in counter_changes("sending", status).items():
-                counter_moves[counter] += change * count
+                counter_moves[counter] += change * moved
         if any(counter_moves.values()):
             WhatsappBroadcast.update({getattr(WhatsappBroadcast, counter): getattr(WhatsappBroadcast, counter) + change
                                       for counter, change in counter_moves.items() if change}).where(
                 WhatsappBroadcast.id == broadcast_id).execute()
-    return sum(moved_to.values())
+    return moved_count
+
+
+def _per_row_fields(group: list[RecipientResult]) -> dict[str, object]:
+    """Each field's value for the whole group: the one value when the rows share it, else a CASE on the row id."""
+    fields: dict[str, object] = {}
+    for name in group[0].fields:
+        values = [result.fields[name] for result in group]
+        if len(set(values)) == 1:
+            fields[name] = values[0]
+        else:
+            field = getattr(Recipient, name)  # converted as the field would store the value itself
+            fields[name] = peewee.Case(Recipient.id, [(result.claimed.recipient_id, field.to_value(value))
+                                                      for result, value in zip(group, values)])
+    return fields
 
 
 def pause(broadcast_id: int, reason: str) -> None:
