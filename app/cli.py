@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import logging
 import sys
@@ -11,7 +12,6 @@ import tempfile
 import uuid
 
 import trio
-import trio.testing
 
 from app.logs import configure_logging
 from app.settings import Settings, SettingsError
@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     quiet_simulation = args.command == "simulate" and not args.verbose
     configure_logging("WARNING" if quiet_simulation else settings.log_level)
+    _freeze_what_lives_forever()
     if args.command == "serve":
         return _serve(settings)
     if args.command == "simulate":
@@ -51,9 +52,17 @@ def main(argv: list[str] | None = None) -> int:
     return migrate_command(settings.database_url, list_only=args.list, dry_run=args.dry_run)
 
 
+def _freeze_what_lives_forever() -> None:
+    """Modules and classes live as long as the process: a full collection that scanned them would stall
+    the event loop for tens of ms, a late frame on a call or a burst of sends at the provider."""
+    gc.freeze()
+
+
 def _serve(settings: Settings) -> int:
     from app.server import serve
     from storage.migrate import MigrationError
+
+    _freeze_what_lives_forever()  # again, now that the call path's modules are loaded
 
     try:
         trio.run(serve, settings)
@@ -70,7 +79,9 @@ def _simulate(settings: Settings, *, fast: bool, plot_path: str | None) -> int:
 
     if not settings.uses_local_model:
         print("callgate simulate always uses the built-in local model; OPENAI_API_KEY is ignored", file=sys.stderr)
-    clock = trio.testing.MockClock(autojump_threshold=0) if fast else None
+    from trio.testing import MockClock  # it imports pytest: only for a simulation in virtual time
+
+    clock = MockClock(autojump_threshold=0) if fast else None
     # A throwaway database: a simulated call must never land among real calls.
     with tempfile.TemporaryDirectory(prefix="callgate-simulate-") as scratch:
         simulation_settings = dataclasses.replace(
