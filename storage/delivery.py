@@ -42,7 +42,8 @@ def apply_delivery_status(record: WhatsappStatusRecord) -> None:
 def _fields_for(record: WhatsappStatusRecord, row: WhatsappBroadcastRecipient) -> dict:
     at = as_utc(record.at)
     if record.status == "failed":
-        return {"error_code": record.error_code, "error_message": record.error_title or "failed after sending"}
+        return {"error_code": record.error_code, "error_message": record.error_title or "failed after sending",
+                "error_at": at}
     # A read implies a delivery, even when the delivered callback comes later or never.
     fields = {"delivered_at": row.delivered_at or at}
     if record.status == "read":

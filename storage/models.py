@@ -93,6 +93,7 @@ class WhatsappBroadcastRecipient(BaseModel):
     lease_expires_at = peewee.DateTimeField(null=True)
     error_code = peewee.IntegerField(null=True)
     error_message = peewee.TextField(null=True)
+    error_at = peewee.DateTimeField(null=True)
     message_id = peewee.CharField(max_length=200, null=True)
     attempts = peewee.IntegerField(default=0)
     next_attempt_at = peewee.DateTimeField(null=True)

@@ -30,6 +30,9 @@ from tests.storage_fixtures import (  # noqa: F401 (fixtures)
 )
 
 ALL_NAMES = [migration.name for migration in load_migrations()]
+# Migrations a test adds after the real ones, numbered to follow whatever the last real one is.
+BROKEN_NAME = f"{len(ALL_NAMES) + 1:04d}_broken"
+SLOW_NAME = f"{len(ALL_NAMES) + 1:04d}_slow"
 CALLGATE_TABLES = {
     "businesses", "whatsapp_broadcasts", "whatsapp_broadcast_recipients",
     "calls", "call_events", "transcript_turns", "schema_migrations",
@@ -151,7 +154,7 @@ def test_an_upgrade_from_an_older_database_keeps_its_rows(database, stopped_befo
 
 
 def test_a_failing_migration_rolls_back_and_names_itself(database, migrations_package):
-    migrations = load_migrations(migrations_package(extra={"0007_broken.py": BROKEN_MIGRATION}))
+    migrations = load_migrations(migrations_package(extra={f"{BROKEN_NAME}.py": BROKEN_MIGRATION}))
     apply_migrations(database, migrations=migrations[:-1])
     Business.create(name="Acme")
     before = snapshot(database)
@@ -159,8 +162,8 @@ def test_a_failing_migration_rolls_back_and_names_itself(database, migrations_pa
     with pytest.raises(MigrationError) as caught:
         apply_migrations(database, migrations=migrations)
 
-    assert caught.value.migration_name == "0007_broken"
-    assert str(caught.value).startswith("migration 0007_broken: failed and was rolled back")
+    assert caught.value.migration_name == BROKEN_NAME
+    assert str(caught.value).startswith(f"migration {BROKEN_NAME}: failed and was rolled back")
     assert snapshot(database) == before
     assert migration_status(database, migrations=migrations)[-1].state == PENDING
 
@@ -169,7 +172,7 @@ def test_an_edited_applied_migration_is_refused_before_anything_is_applied(datab
     apply_migrations(database)
     edited = load_migrations(migrations_package(
         edit={"0002_whatsapp_broadcasts.py": "\n# a late edit\n"},
-        extra={"0007_slow.py": SLOW_MIGRATION},
+        extra={f"{SLOW_NAME}.py": SLOW_MIGRATION},
     ))
     before = snapshot(database)
 
@@ -184,12 +187,12 @@ def test_an_edited_applied_migration_is_refused_before_anything_is_applied(datab
 
 
 def test_a_database_from_a_newer_version_is_refused(database, migrations_package):
-    apply_migrations(database, migrations=load_migrations(migrations_package(extra={"0007_slow.py": SLOW_MIGRATION})))
+    apply_migrations(database, migrations=load_migrations(migrations_package(extra={f"{SLOW_NAME}.py": SLOW_MIGRATION})))
 
     with pytest.raises(MigrationError) as caught:
         apply_migrations(database)
 
-    assert caught.value.migration_name == "0007_slow"
+    assert caught.value.migration_name == SLOW_NAME
     assert "does not have it" in str(caught.value)
 
 
@@ -213,9 +216,7 @@ def test_a_legacy_database_is_adopted_without_losing_rows(database, with_recipie
         "0001_businesses": ADOPTED,
         "0002_whatsapp_broadcasts": ADOPTED,
         "0003_whatsapp_broadcast_recipients": ADOPTED if with_recipients else APPLIED,
-        "0004_broadcast_stop_columns": APPLIED,
-        "0005_call_records": APPLIED,
-        "0006_broadcast_sending": APPLIED,
+        **{name: APPLIED for name in ALL_NAMES[3:]},
     }
     assert table_rows(database, "whatsapp_broadcasts", broadcast_columns) == broadcasts_before
     assert table_rows(database, "whatsapp_broadcast_recipients", recipient_columns) == recipients_before
@@ -240,7 +241,7 @@ def test_an_adopted_broadcast_table_gets_the_stop_columns_and_works_with_the_mod
 def test_processes_migrating_at_once_apply_each_migration_exactly_once(
     database, database_url, migrations_package, tmp_path
 ):
-    package = migrations_package(extra={"0007_slow.py": SLOW_MIGRATION})
+    package = migrations_package(extra={f"{SLOW_NAME}.py": SLOW_MIGRATION})
     gate = tmp_path / "go"
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     processes = [
@@ -257,7 +258,7 @@ def test_processes_migrating_at_once_apply_each_migration_exactly_once(
 
     assert [process.returncode for process in processes] == [0, 0, 0], [stderr for _, stderr in results]
     applied_by_each = [json.loads(stdout) for stdout, _ in results]
-    every_name = ALL_NAMES + ["0007_slow"]
+    every_name = ALL_NAMES + [SLOW_NAME]
     assert sorted(name for names in applied_by_each for name in names) == sorted(every_name)
     recorded = database.execute_sql("SELECT name FROM schema_migrations ORDER BY id").fetchall()
     assert [name for name, in recorded] == every_name

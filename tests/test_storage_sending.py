@@ -1,4 +1,5 @@
-"""Migration 0006 and the sending columns: leases, shared send slots, and counters that equal the rows."""
+"""Migrations 0006 and 0007 and the sending columns: leases, shared send slots, counters that equal
+the rows, and error times."""
 
 from __future__ import annotations
 
@@ -55,7 +56,8 @@ def test_an_upgrade_from_0005_keeps_rows_and_starts_the_new_counters_equal_to_th
             f"VALUES (1, 1, '{phone}', '{status}', '2025-01-02 03:04:05')"
         )
 
-    assert [outcome.name for outcome in apply_migrations(database)] == ["0006_broadcast_sending"]
+    assert [outcome.name for outcome in apply_migrations(database)] == [
+        migration.name for migration in load_migrations()[len(BEFORE_SENDING):]]
 
     broadcast = WhatsappBroadcast.get_by_id(1)
     assert (broadcast.name, broadcast.status, broadcast.sent_count, broadcast.failed_count) == (
@@ -76,6 +78,19 @@ def test_the_claim_index_replaces_the_status_index(database):
     assert CLAIM_INDEX in recipient_indexes
     assert ["broadcast_id", "status"] not in recipient_indexes
     assert ["message_id"] in recipient_indexes
+
+
+def test_an_upgrade_from_0006_keeps_failed_rows_untimed_and_indexes_errors_by_time(database):
+    apply_migrations(database, migrations=[migration for migration in load_migrations() if migration.id < 7])
+    broadcast = create_broadcast(PHONES[:2])
+    database.execute_sql("UPDATE whatsapp_broadcast_recipients SET status = 'failed', error_code = 131026, "
+                         "error_message = 'Message undeliverable'")
+
+    assert [outcome.name for outcome in apply_migrations(database)] == ["0007_recipient_error_time"]
+
+    rows = WhatsappBroadcastRecipient.select().where(WhatsappBroadcastRecipient.broadcast == broadcast.id)
+    assert [(row.status, row.error_code, row.error_at) for row in rows] == [("failed", 131026, None)] * 2
+    assert ["broadcast_id", "error_at"] in index_columns(database, "whatsapp_broadcast_recipients")
 
 
 def test_an_adopted_legacy_database_gets_the_indexes_its_old_system_never_made(database):

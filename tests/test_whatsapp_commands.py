@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from datetime import datetime
 
 import pytest
 
@@ -141,13 +142,14 @@ def test_a_refused_create_exits_2_and_writes_nothing(
     assert WhatsappBroadcastRecipient.select().count() == 0
 
 
-def test_status_counts_the_rows_and_shows_the_last_errors(database_url, broadcast_id, database):
+def test_status_counts_the_rows_and_shows_the_latest_errors_first(database_url, broadcast_id, database):
     recipient = WhatsappBroadcastRecipient
-    move_recipients(broadcast_id, "queued", "sending", recipient.phone == "+972502345678")
-    move_recipients(
-        broadcast_id, "queued", "failed", recipient.phone == "+972523456789",
-        error_code=131026, error_message="Message undeliverable",
-    )
+    first_row, second_row = recipient.select().where(recipient.broadcast == broadcast_id).order_by(recipient.id)
+    move_recipients(broadcast_id, "queued", "sending", recipient.id == first_row.id)
+    move_recipients(broadcast_id, "sending", "unknown", recipient.id == first_row.id,
+                    error_message="worker lost while sending", error_at=datetime(2026, 11, 25, 9, 30, 5, 250000))
+    move_recipients(broadcast_id, "queued", "failed", recipient.id == second_row.id,
+                    error_code=131026, error_message="Message undeliverable")  # untimed, as before migration 0007
 
     status, out, _ = run(broadcast_status_command, database_url, broadcast_id, as_json=True)
     text_status, text_out, _ = run(broadcast_status_command, database_url, broadcast_id)
@@ -156,16 +158,19 @@ def test_status_counts_the_rows_and_shows_the_last_errors(database_url, broadcas
     assert (status, text_status) == (0, 0)
     assert (report["id"], report["name"], report["status"]) == (broadcast_id, "מבצע אביב", "pending")
     assert report["counts"] == {
-        "total": 2, "queued": 0, "sending": 1, "sent": 0, "delivered": 0, "read": 0, "failed": 1, "unknown": 0,
+        "total": 2, "queued": 0, "sending": 0, "sent": 0, "delivered": 0, "read": 0, "failed": 1, "unknown": 1,
     }
     assert report["last_errors"] == [
-        {"phone": "+972523456789", "error_code": 131026, "error_message": "Message undeliverable"}
+        {"phone": first_row.phone, "error_code": None, "error_message": "worker lost while sending",
+         "at": "2026-11-25T09:30:05"},
+        {"phone": second_row.phone, "error_code": 131026, "error_message": "Message undeliverable", "at": None},
     ]
     assert text_out.splitlines() == [
         f"broadcast {broadcast_id} 'מבצע אביב': pending",
-        "  total 2  queued 0  sending 1  sent 0  delivered 0  read 0  failed 1  unknown 0",
+        "  total 2  queued 0  sending 0  sent 0  delivered 0  read 0  failed 1  unknown 1",
         "last errors:",
-        "  +972523456789  131026  Message undeliverable",
+        f"  2026-11-25T09:30:05  {first_row.phone}  -  worker lost while sending",
+        f"  -  {second_row.phone}  131026  Message undeliverable",
     ]
 
 

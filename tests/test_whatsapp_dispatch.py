@@ -42,11 +42,11 @@ def test_a_mixed_batch_moves_every_row_with_its_own_values(claimed):
     results = [
         dispatch.sent(rows[0], "wamid.first", now),
         dispatch.sent(rows[1], "wamid.second", now + timedelta(seconds=1)),
-        dispatch.retry(rows[2], 130429, "(#130429) Rate limit hit", now + timedelta(seconds=5)),
-        dispatch.retry(rows[3], None, "not sent: no connection", now + timedelta(seconds=9)),
+        dispatch.retry(rows[2], 130429, "(#130429) Rate limit hit", now, now + timedelta(seconds=5)),
+        dispatch.retry(rows[3], None, "not sent: no connection", now, now + timedelta(seconds=9)),
         dispatch.released(rows[4]),
-        dispatch.failed(rows[5], 131026, "(#131026) Message Undeliverable."),
-        dispatch.unknown(rows[6], "no answer within 10 s"),
+        dispatch.failed(rows[5], 131026, "(#131026) Message Undeliverable.", now + timedelta(seconds=2)),
+        dispatch.unknown(rows[6], "no answer within 10 s", now + timedelta(seconds=3)),
     ]
     assert dispatch.record_results(broadcast_id, results) == 7
 
@@ -58,8 +58,11 @@ def test_a_mixed_batch_moves_every_row_with_its_own_values(claimed):
     assert (unreachable.error_code, unreachable.error_message, unreachable.next_attempt_at) == (
         None, "not sent: no connection", now + timedelta(seconds=9))
     assert (released.status, released.attempts, released.next_attempt_at) == ("queued", 0, None)
-    assert (undeliverable.status, undeliverable.error_code) == ("failed", 131026)
-    assert (unanswered.status, unanswered.error_message) == ("unknown", "no answer within 10 s")
+    assert (undeliverable.status, undeliverable.error_code, undeliverable.error_at) == (
+        "failed", 131026, now + timedelta(seconds=2))
+    assert (unanswered.status, unanswered.error_message, unanswered.error_at) == (
+        "unknown", "no answer within 10 s", now + timedelta(seconds=3))
+    assert (first.error_at, throttled.error_at, released.error_at) == (None, now, None)
     assert all(claimed_row.claimed_by is None and claimed_row.lease_expires_at is None
                for claimed_row in map(row, rows))
     broadcast = WhatsappBroadcast.get_by_id(broadcast_id)

@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import json
 import logging
+from datetime import datetime
 
 import httpx
 import pytest
@@ -98,6 +99,7 @@ async def test_reordered_and_repeated_callbacks_end_in_the_right_state(webhook_c
     assert statuses == {"wamid.A": "read", "wamid.B": "delivered", "wamid.C": "failed"}
     read_row = recipient.get(recipient.message_id == "wamid.A")
     assert read_row.read_at is not None and read_row.delivered_at is not None
+    assert recipient.get(recipient.message_id == "wamid.C").error_at == datetime(2025, 6, 25, 13, 16, 24)
     broadcast = WhatsappBroadcast.get_by_id(broadcast_id)
     assert {name: getattr(broadcast, name) for name in counters_from_rows(broadcast_id)} == counters_from_rows(
         broadcast_id)

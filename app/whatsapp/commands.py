@@ -295,9 +295,9 @@ def _status_report(broadcast: WhatsappBroadcast) -> dict:
     recipient = WhatsappBroadcastRecipient
     has_error = recipient.error_message.is_null(False) | recipient.error_code.is_null(False)
     errors = (
-        recipient.select(recipient.phone, recipient.error_code, recipient.error_message)
+        recipient.select(recipient.phone, recipient.error_code, recipient.error_message, recipient.error_at)
         .where(recipient.broadcast == broadcast.id, has_error)
-        .order_by(recipient.id.desc())
+        .order_by(recipient.error_at.desc(nulls="LAST"), recipient.id.desc())
         .limit(LAST_ERRORS_SHOWN)
     )
     return {
@@ -309,7 +309,8 @@ def _status_report(broadcast: WhatsappBroadcast) -> dict:
         "stopped_at": broadcast.stopped_at.isoformat() if broadcast.stopped_at else None,
         "counts": {"total": sum(by_status.values()), **by_status},
         "last_errors": [
-            {"phone": row.phone, "error_code": row.error_code, "error_message": row.error_message} for row in errors
+            {"phone": row.phone, "error_code": row.error_code, "error_message": row.error_message,
+             "at": row.error_at.isoformat(timespec="seconds") if row.error_at else None} for row in errors
         ],
     }
 
@@ -324,4 +325,5 @@ def _print_status(out: TextIO, report: dict) -> None:
     if report["last_errors"]:
         print("last errors:", file=out)
     for error in report["last_errors"]:
-        print(f"  {error['phone']}  {error['error_code'] or '-'}  {error['error_message'] or ''}".rstrip(), file=out)
+        print(f"  {error['at'] or '-'}  {error['phone']}  {error['error_code'] or '-'}  {error['error_message'] or ''}"
+              .rstrip(), file=out)

@@ -75,7 +75,8 @@ def running_broadcast_ids() -> list[int]:
 def expire_leases(broadcast_id: int, now: datetime) -> int:
     """Rows whose worker vanished mid-send may or may not have gone out: `unknown`, never resent by default."""
     return move_recipients(broadcast_id, "sending", "unknown", Recipient.lease_expires_at < now,
-                           claimed_by=None, error_message="worker lost while sending; it may have been sent")
+                           claimed_by=None, error_message="worker lost while sending; it may have been sent",
+                           error_at=now)
 
 
 def requeue_unknown(broadcast_id: int) -> int:
@@ -134,19 +135,20 @@ class RecipientResult:
 
 def sent(claimed: ClaimedRecipient, message_id: str, now: datetime) -> RecipientResult:
     return RecipientResult(claimed, "sent", {"message_id": message_id, "sent_at": now, "error_code": None,
-                                             "error_message": None})
+                                             "error_message": None, "error_at": None})
 
 
-def failed(claimed: ClaimedRecipient, code: int | None, message: str) -> RecipientResult:
-    return RecipientResult(claimed, "failed", {"error_code": code, "error_message": message})
+def failed(claimed: ClaimedRecipient, code: int | None, message: str, now: datetime) -> RecipientResult:
+    return RecipientResult(claimed, "failed", {"error_code": code, "error_message": message, "error_at": now})
 
 
-def unknown(claimed: ClaimedRecipient, reason: str) -> RecipientResult:
-    return RecipientResult(claimed, "unknown", {"error_message": reason})
+def unknown(claimed: ClaimedRecipient, reason: str, now: datetime) -> RecipientResult:
+    return RecipientResult(claimed, "unknown", {"error_message": reason, "error_at": now})
 
 
-def retry(claimed: ClaimedRecipient, code: int | None, message: str, next_attempt_at: datetime) -> RecipientResult:
-    return RecipientResult(claimed, "queued", {"error_code": code, "error_message": message,
+def retry(claimed: ClaimedRecipient, code: int | None, message: str, now: datetime,
+          next_attempt_at: datetime) -> RecipientResult:
+    return RecipientResult(claimed, "queued", {"error_code": code, "error_message": message, "error_at": now,
                                                "next_attempt_at": next_attempt_at})
 
 

@@ -162,19 +162,20 @@ class BroadcastWorker:
                     self.log("broadcast paused", level=logging.ERROR, why=self._token_refusal)
 
     def _result_of(self, recipient: ClaimedRecipient, outcome) -> dispatch.RecipientResult:
+        now = utc_now()
         match outcome:
             case Sent(message_id):
-                return dispatch.sent(recipient, message_id, utc_now())
+                return dispatch.sent(recipient, message_id, now)
             case RetryLater(code, message) if recipient.attempts <= self.options.max_retries:
                 self.log("send will be retried", level=logging.WARNING, code=code, attempt=recipient.attempts)
-                due = utc_now() + timedelta(seconds=retry_delay_s(recipient.attempts, self._rng))
-                return dispatch.retry(recipient, code, message, due)
+                due = now + timedelta(seconds=retry_delay_s(recipient.attempts, self._rng))
+                return dispatch.retry(recipient, code, message, now, due)
             case RetryLater(code, message) | Rejected(code, message):
-                return dispatch.failed(recipient, code, message)
+                return dispatch.failed(recipient, code, message, now)
             case TokenRejected(code, message):
                 self._token_refusal = f"access token refused by the Cloud API (code {code}): {message}"
                 return dispatch.released(recipient)
             case OutcomeUnknown(reason):
                 self.log("send outcome unknown; not resent", level=logging.WARNING, why=reason)
-                return dispatch.unknown(recipient, reason)
+                return dispatch.unknown(recipient, reason, now)
         raise AssertionError(f"unhandled send outcome {outcome!r}")

@@ -1,0 +1,18 @@
+"""When each recipient's last error happened, so `broadcast status` lists the latest errors first.
+
+Errors recorded before this column existed keep it NULL and are listed after the timed ones. The
+index serves that listing: one broadcast's rows by error time, newest first, without a scan.
+"""
+
+import peewee
+
+from storage.migrations._steps import add_missing_columns, add_missing_index
+
+RECIPIENTS = "whatsapp_broadcast_recipients"
+
+
+def forward(migrator):
+    return [
+        *add_missing_columns(migrator, RECIPIENTS, error_at=peewee.DateTimeField(null=True)),
+        *add_missing_index(migrator, RECIPIENTS, f"{RECIPIENTS}_errors", ("broadcast_id", "error_at")),
+    ]
