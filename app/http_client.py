@@ -141,11 +141,14 @@ class HttpClient:
         return await self.request("POST", url, body, headers)
 
     async def request(self, method: str, url: str, body: bytes, headers: dict[str, str]) -> HttpAnswer:
-        """One exchange. Raises RequestNotSent or NoAnswer; ValueError for a URL it cannot send to."""
+        """One exchange. Raises RequestNotSent or NoAnswer; ValueError for a URL or header it cannot send."""
         origin, target = split_url(url)
-        request_head = h11.Request(method=method, target=target, headers=[
-            ("Host", origin.host_header), ("User-Agent", USER_AGENT), ("Content-Length", str(len(body))),
-            *headers.items()])
+        try:
+            request_head = h11.Request(method=method, target=target, headers=[
+                ("Host", origin.host_header), ("User-Agent", USER_AGENT), ("Content-Length", str(len(body))),
+                *headers.items()])
+        except h11.LocalProtocolError as error:
+            raise ValueError(f"cannot send this request: {error}") from None
         with trio.move_on_after(self._pool_timeout_s) as waiting:
             await self._slots.acquire()
         if waiting.cancelled_caught:

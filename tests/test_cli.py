@@ -69,3 +69,29 @@ def test_broadcast_commands_are_wired(tmp_path, monkeypatch, capsys):
     assert "resume it first" in capsys.readouterr().err
     assert main(["broadcast", "status", str(created["id"]), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["status"] == "paused"
+
+
+@pytest.mark.parametrize("command", [["broadcast", "send", "1"], ["broadcast", "worker"]])
+@pytest.mark.parametrize("setting, value, complaint", [
+    ("WHATSAPP_ACCESS_TOKEN", "", "WHATSAPP_ACCESS_TOKEN is not set"),
+    ("WHATSAPP_ACCESS_TOKEN", "EAAG token\n", "a stray newline or space"),
+    ("WHATSAPP_PHONE_NUMBER_ID", "", "numeric id"),
+    ("WHATSAPP_API_BASE", "graph.facebook.com", "must be an http(s) URL"),
+])
+def test_sending_refuses_settings_no_send_could_work_with(tmp_path, monkeypatch, capsys, command, setting, value,
+                                                           complaint):
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'b.db'}")
+    assert main(["business", "create", "Acme"]) == 0
+    recipients = tmp_path / "r.csv"
+    recipients.write_text("phone\n+972502345610\n")
+    assert main(["broadcast", "create", "--business", "1", "--name", "spring", "--text", "hi",
+                 "--recipients", str(recipients)]) == 0
+    for name, good in (("WHATSAPP_ACCESS_TOKEN", "EAAG"), ("WHATSAPP_PHONE_NUMBER_ID", "1065"),
+                       ("WHATSAPP_API_BASE", "https://graph.facebook.com")):
+        monkeypatch.setenv(name, good)
+    monkeypatch.setenv(setting, value)
+    capsys.readouterr()
+    assert main(command) == 2
+    assert complaint in capsys.readouterr().err
+    assert main(["broadcast", "status", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "pending"

@@ -51,6 +51,13 @@ def test_urls_split_into_origin_and_target():
         split_url("ftp://example.com/file")
 
 
+async def test_a_header_h11_cannot_send_is_a_value_error_before_anything_is_sent():
+    async with HttpClient(max_connections=1, timeout_s=5) as client:
+        with pytest.raises(ValueError, match="cannot send this request"):
+            await client.post("http://127.0.0.1:9/", b"{}", {"Authorization": "Bearer token\n"})
+        assert client.connections_opened == 0
+
+
 async def test_requests_one_after_another_share_one_kept_alive_connection():
     seen: list[HttpRequest] = []
     async with trio.open_nursery() as nursery:

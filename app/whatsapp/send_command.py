@@ -9,6 +9,7 @@ from typing import TextIO
 
 import trio
 
+from app.http_client import split_url
 from app.settings import Settings
 from app.whatsapp import dispatch
 from app.whatsapp.commands import EXIT_OK, CommandError, with_database
@@ -39,6 +40,7 @@ def broadcast_send_command(
             raise CommandError(f"broadcast {broadcast_id} is {status}; only a pending or running one can be sent"
                                + (" (resume it first)" if status == "paused" else "")
                                + (" (or use --resend-unknown)" if status in dispatch.REOPENABLE_STATUSES else ""))
+        _refuse_unusable_sending_settings(settings)
         process_count = workers
         if workers > 1 and is_sqlite(database_proxy.obj):
             print(f"SQLite allows one sending worker; running 1, not {workers}", file=err)
@@ -57,6 +59,22 @@ def broadcast_send_command(
         return EXIT_OK if final in ("completed", "partial", "paused", "cancelled") else EXIT_NOT_DELIVERED
 
     return with_database(settings.database_url, err, send)
+
+
+def _refuse_unusable_sending_settings(settings: Settings) -> None:
+    """Settings no send could work with are refused before any recipient is claimed."""
+    try:
+        split_url(settings.whatsapp_api_base)
+    except ValueError:
+        raise CommandError(f"WHATSAPP_API_BASE must be an http(s) URL, got {settings.whatsapp_api_base!r}") from None
+    if not (settings.whatsapp_phone_number_id.isascii() and settings.whatsapp_phone_number_id.isdigit()):
+        raise CommandError("WHATSAPP_PHONE_NUMBER_ID must be the sending number's numeric id, "
+                           f"got {settings.whatsapp_phone_number_id!r}")
+    token = settings.whatsapp_access_token
+    if not token:
+        raise CommandError("WHATSAPP_ACCESS_TOKEN is not set")
+    if not (token.isascii() and token.isprintable()) or " " in token:
+        raise CommandError("WHATSAPP_ACCESS_TOKEN must be one word of printable ASCII (a stray newline or space?)")
 
 
 def _spawn_worker(broadcast_id: int) -> subprocess.Popen:
@@ -105,6 +123,7 @@ class _Progress:
 def broadcast_worker_command(settings: Settings, *, only_broadcast: int | None, err: TextIO | None = None) -> int:
     """Keep sending every running broadcast (or only one, until it is done); stops cleanly on SIGTERM."""
     def work() -> int:
+        _refuse_unusable_sending_settings(settings)
         trio.run(_work, settings, only_broadcast)
         return EXIT_OK
 
