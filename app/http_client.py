@@ -3,13 +3,17 @@ are open, one timeout for the whole exchange, and errors that say whether the re
 reached the server, which is what at-most-once sending needs to know.
 
 The broadcast sender's hot path: httpx spent most of a message's CPU in its pool's bookkeeping,
-which scans every pooled connection on every request."""
+which scans every pooled connection on every request. HTTPS can go through an HTTP proxy
+(a CONNECT tunnel), as HTTPS_PROXY and NO_PROXY say."""
 
 from __future__ import annotations
 
+import base64
 import ssl
+import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import h11
 import trio
@@ -48,6 +52,35 @@ class Origin:
     @property
     def host_header(self) -> str:
         return self.host if self.port == _DEFAULT_PORTS[self.scheme] else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Proxy:
+    host: str
+    port: int
+    authorization: str | None  # the Proxy-Authorization value, from the proxy URL's user and password
+
+    @classmethod
+    def from_url(cls, url: str) -> Proxy:
+        """`http://[user:password@]host[:port]`; ValueError for anything else."""
+        parts = urlsplit(url if "://" in url else f"http://{url}")
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(f"not an http:// proxy URL: {url!r}")
+        authorization = None
+        if parts.username is not None:
+            credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+            authorization = "Basic " + base64.b64encode(credentials).decode()
+        return cls(parts.hostname, parts.port or 80, authorization)
+
+
+def https_proxy_for(origin: Origin, proxies: Mapping[str, str]) -> Proxy | None:
+    """The proxy to tunnel through to `origin`, from a urllib-style map ({"https": URL, "no": hosts});
+    None to connect directly. Plain http always goes direct: it only ever reaches the local sandbox."""
+    if origin.scheme != "https" or not proxies.get("https"):
+        return None
+    if urllib.request.proxy_bypass_environment(origin.host, dict(proxies)):
+        return None
+    return Proxy.from_url(proxies["https"])
 
 
 def split_url(url: str) -> tuple[Origin, str]:
@@ -117,14 +150,16 @@ class HttpClient:
     """Use as `async with HttpClient(...) as client`; idle connections are closed on the way out."""
 
     def __init__(self, *, max_connections: int, timeout_s: float, connect_timeout_s: float | None = None,
-                 pool_timeout_s: float | None = None, ssl_context: ssl.SSLContext | None = None) -> None:
+                 pool_timeout_s: float | None = None, ssl_context: ssl.SSLContext | None = None,
+                 proxies: Mapping[str, str] | None = None) -> None:
         """`timeout_s` bounds each exchange once written; connecting and waiting for a free connection
-        have their own bounds, no longer than it."""
+        have their own bounds, no longer than it. `proxies` is a urllib-style map (see https_proxy_for)."""
         self._slots = trio.Semaphore(max_connections)
         self._timeout_s = timeout_s
         self._connect_timeout_s = min(timeout_s, connect_timeout_s or timeout_s)
         self._pool_timeout_s = min(timeout_s, pool_timeout_s or timeout_s)
         self._ssl_context = ssl_context or ssl.create_default_context()
+        self._proxies = dict(proxies or {})
         self._idle: dict[Origin, list[_Connection]] = {}
         self.connections_opened = 0
 
@@ -184,20 +219,24 @@ class HttpClient:
             if connection.can_be_reused(now):
                 return connection
             await trio.aclose_forcefully(connection.stream)
+        proxy = https_proxy_for(origin, self._proxies)
+        where = f"{origin.host}:{origin.port}" + (f" through the proxy {proxy.host}:{proxy.port}" if proxy else "")
         try:
             with trio.fail_after(self._connect_timeout_s):
-                stream = await self._open(origin)
+                stream = await self._open(origin, proxy)
         except trio.TooSlowError:
-            raise RequestNotSent(f"no connection to {origin.host}:{origin.port} within "
-                                 f"{self._connect_timeout_s:g} s") from None
-        except (OSError, trio.BrokenResourceError) as error:
+            raise RequestNotSent(f"no connection to {where} within {self._connect_timeout_s:g} s") from None
+        except (OSError, trio.BrokenResourceError, h11.ProtocolError) as error:
             reason = error.__cause__ or error  # a failed TLS handshake says why in the SSLError beneath
-            raise RequestNotSent(f"cannot connect to {origin.host}:{origin.port}: {reason}") from None
+            raise RequestNotSent(f"cannot connect to {where}: {reason}") from None
         self.connections_opened += 1
         return _Connection(stream)
 
-    async def _open(self, origin: Origin) -> trio.SocketStream | trio.SSLStream:
-        stream = await trio.open_tcp_stream(origin.host, origin.port)
+    async def _open(self, origin: Origin, proxy: Proxy | None) -> trio.SocketStream | trio.SSLStream:
+        if proxy is None:
+            stream = await trio.open_tcp_stream(origin.host, origin.port)
+        else:
+            stream = await _open_tunnel(proxy, origin)
         if origin.scheme == "http":
             return stream
         tls_stream = trio.SSLStream(stream, self._ssl_context, server_hostname=origin.host, https_compatible=True)
@@ -207,3 +246,24 @@ class HttpClient:
             await trio.aclose_forcefully(stream)
             raise
         return tls_stream
+
+
+async def _open_tunnel(proxy: Proxy, origin: Origin) -> trio.SocketStream:
+    """A TCP stream to `origin` through the proxy's CONNECT; RequestNotSent when the proxy refuses it."""
+    stream = await trio.open_tcp_stream(proxy.host, proxy.port)
+    try:
+        protocol = h11.Connection(h11.CLIENT)
+        authority = f"{origin.host}:{origin.port}"
+        headers = [("Host", authority)] + ([("Proxy-Authorization", proxy.authorization)] if proxy.authorization else [])
+        await stream.send_all(protocol.send(h11.Request(method="CONNECT", target=authority, headers=headers))
+                              + protocol.send(h11.EndOfMessage()))
+        while (event := protocol.next_event()) is h11.NEED_DATA or isinstance(event, h11.InformationalResponse):
+            if event is h11.NEED_DATA:
+                protocol.receive_data(await stream.receive_some(RECEIVE_SIZE))
+        if not isinstance(event, h11.Response) or not 200 <= event.status_code < 300:
+            answer = f"HTTP {event.status_code}" if isinstance(event, h11.Response) else type(event).__name__
+            raise RequestNotSent(f"the proxy {proxy.host}:{proxy.port} refused a tunnel to {authority}: {answer}")
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+    return stream

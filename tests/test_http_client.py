@@ -1,10 +1,11 @@
 """The lean HTTP/1.1 client against real loopback servers: kept-alive reuse, the bound on open
-connections, connections the server closed, TLS, and for each failure whether the request can
-have reached the server. Timeouts run on the real clock (short ones): the servers that never
+connections, connections the server closed, TLS directly and through a CONNECT proxy, and for each
+failure whether the request can have reached the server. Timeouts run on the real clock (short ones): the servers that never
 answer make the outcome certain, whatever the machine's load."""
 
 from __future__ import annotations
 
+import base64
 import ssl
 from functools import partial
 
@@ -14,7 +15,9 @@ import trio
 import trustme
 
 from app.http import HttpRequest, HttpResponse, Router
-from app.http_client import IDLE_EXPIRY_S, HttpClient, NoAnswer, RequestNotSent, split_url
+from app.http_client import (
+    IDLE_EXPIRY_S, HttpClient, NoAnswer, Proxy, RequestNotSent, https_proxy_for, split_url,
+)
 
 JSON = {"Content-Type": "application/json"}
 
@@ -202,12 +205,18 @@ async def test_a_chunked_answer_is_read_whole_and_connection_close_is_honoured()
         nursery.cancel_scope.cancel()
 
 
-async def test_https_checks_the_servers_certificate():
+def tls_contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A server context with a certificate for 127.0.0.1, and a client context trusting its test authority."""
     authority = trustme.CA()
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     authority.issue_cert("127.0.0.1").configure_cert(server_context)
     trusting_context = ssl.create_default_context()
     authority.configure_trust(trusting_context)
+    return server_context, trusting_context
+
+
+async def test_https_checks_the_servers_certificate():
+    server_context, trusting_context = tls_contexts()
     seen: list[HttpRequest] = []
     async with trio.open_nursery() as nursery:
         port = await serve(nursery, echo_router(seen).handle_connection, ssl_context=server_context,
@@ -222,3 +231,71 @@ async def test_https_checks_the_servers_certificate():
                 await client.post(url, b"{}", JSON)
         nursery.cancel_scope.cancel()
     assert len(seen) == 3
+
+
+def test_only_https_goes_through_the_proxy_and_no_proxy_hosts_go_direct():
+    proxies = {"https": "http://ops:p%40ss@proxy.internal:3128", "no": "localhost,.example.com"}
+    proxy = https_proxy_for(split_url("https://graph.facebook.com/v21.0")[0], proxies)
+    assert (proxy.host, proxy.port) == ("proxy.internal", 3128)
+    assert proxy.authorization == "Basic " + base64.b64encode(b"ops:p@ss").decode()
+    assert https_proxy_for(split_url("https://api.example.com/")[0], proxies) is None
+    assert https_proxy_for(split_url("http://127.0.0.1:8090/")[0], proxies) is None
+    assert https_proxy_for(split_url("https://graph.facebook.com/")[0], {}) is None
+    assert Proxy.from_url("proxy.internal").port == 80
+    with pytest.raises(ValueError):
+        Proxy.from_url("socks5://proxy.internal:1080")
+
+
+def tunnel_proxy(requests_seen: list[h11.Request], *, refuse: bool = False):
+    """A CONNECT proxy: relays bytes both ways once it has answered 200 (or refuses with 407)."""
+    async def relay(source: trio.abc.Stream, sink: trio.abc.Stream, both: trio.CancelScope) -> None:
+        while data := await source.receive_some(65536):
+            await sink.send_all(data)
+        both.cancel()
+
+    async def handle(client: trio.SocketStream) -> None:
+        async with client:
+            protocol = h11.Connection(h11.SERVER)
+            while (request := protocol.next_event()) is h11.NEED_DATA:
+                protocol.receive_data(await client.receive_some(65536))
+            requests_seen.append(request)
+            if refuse:
+                await client.send_all(b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n")
+                return
+            host, port = request.target.decode().rsplit(":", 1)
+            async with await trio.open_tcp_stream(host, int(port)) as upstream, trio.open_nursery() as relays:
+                await client.send_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                relays.start_soon(relay, client, upstream, relays.cancel_scope)
+                relays.start_soon(relay, upstream, client, relays.cancel_scope)
+    return handle
+
+
+async def test_https_goes_through_a_connect_tunnel_with_the_proxys_credentials():
+    server_context, trusting_context = tls_contexts()
+    seen: list[HttpRequest] = []
+    tunnels: list[h11.Request] = []
+    async with trio.open_nursery() as nursery:
+        port = await serve(nursery, echo_router(seen).handle_connection, ssl_context=server_context,
+                           https_compatible=True)
+        proxy_port = await serve(nursery, tunnel_proxy(tunnels))
+        proxies = {"https": f"http://ops:p%40ss@127.0.0.1:{proxy_port}"}
+        async with HttpClient(max_connections=1, timeout_s=5, ssl_context=trusting_context,
+                              proxies=proxies) as client:
+            for _ in range(2):
+                assert (await client.post(f"https://127.0.0.1:{port}/v1/echo", b"{}", JSON)).body == b"echo {}"
+        nursery.cancel_scope.cancel()
+    [tunnel] = tunnels
+    assert (tunnel.method, tunnel.target) == (b"CONNECT", f"127.0.0.1:{port}".encode())
+    assert (b"proxy-authorization", b"Basic " + base64.b64encode(b"ops:p@ss")) in list(tunnel.headers)
+    assert [request.headers["host"] for request in seen] == [f"127.0.0.1:{port}"] * 2
+
+
+async def test_a_tunnel_the_proxy_refuses_is_not_sent():
+    tunnels: list[h11.Request] = []
+    async with trio.open_nursery() as nursery:
+        proxy_port = await serve(nursery, tunnel_proxy(tunnels, refuse=True))
+        async with HttpClient(max_connections=1, timeout_s=5, proxies={"https": f"127.0.0.1:{proxy_port}"}) as client:
+            with pytest.raises(RequestNotSent, match="refused a tunnel to graph.facebook.com:443: HTTP 407"):
+                await client.post("https://graph.facebook.com/v21.0/1065/messages", b"{}", JSON)
+        nursery.cancel_scope.cancel()
+    assert [tunnel.target for tunnel in tunnels] == [b"graph.facebook.com:443"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import urllib.request
 from dataclasses import dataclass
 
 from app.http_client import HttpClient, NoAnswer, RequestNotSent
@@ -26,7 +27,9 @@ def new_client(max_connections: int, lease_s: float) -> HttpClient:
     """One pooled client per worker: connection reuse, bounded concurrency, and a timeout on the whole
     exchange well inside the claim's lease, so a live worker always records its result before the lease ends."""
     timeout_s = min(REQUEST_TIMEOUT_S, lease_s / 2)
-    return HttpClient(max_connections=max_connections, timeout_s=timeout_s, connect_timeout_s=CONNECT_TIMEOUT_S)
+    # HTTPS_PROXY and NO_PROXY, read as curl and urllib read them: often the only way out of a production network.
+    return HttpClient(max_connections=max_connections, timeout_s=timeout_s, connect_timeout_s=CONNECT_TIMEOUT_S,
+                      proxies=urllib.request.getproxies_environment())
 
 
 async def post_message(client: HttpClient, url: str, access_token: str, body: dict) -> SendOutcome | OutcomeUnknown:
