@@ -138,8 +138,9 @@ class Router:
                 received = bytearray(connection.trailing_data[0])
                 timer.deadline = trio.current_time() + (KEEP_ALIVE_IDLE_S if idle else REQUEST_TIMEOUT_S)
                 request = await _next_h11_event(connection, stream, received)
-                if not isinstance(request, h11.Request):
-                    return
+                # A deadline that passed in the turn the bytes came in has cancelled the scope for good: too late.
+                if timer.cancel_called or not isinstance(request, h11.Request):
+                    break
                 idle = False
                 headers = {name.decode().lower(): value.decode("latin-1") for name, value in request.headers}
                 if headers.get("upgrade", "").lower() == "websocket":
@@ -147,6 +148,8 @@ class Router:
                     await self._serve_websocket(_ReplayStream(stream, bytes(received)))
                     return
                 body = await _read_body(connection, stream, received)
+                if timer.cancel_called:
+                    break
                 http_request = HttpRequest(request.method.decode(), request.target.decode(), headers, body)
                 timer.deadline = math.inf  # the request timeout guards against slow clients, not our own handlers
                 response = await self._answer(connection, stream, http_request)
@@ -158,7 +161,7 @@ class Router:
                     return
                 connection.start_next_cycle()
                 idle = True
-        if timer.cancelled_caught and not idle:
+        if timer.cancel_called and not idle:
             raise trio.TooSlowError
 
     async def _answer(self, connection: h11.Connection, stream: trio.abc.Stream,

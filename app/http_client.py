@@ -39,7 +39,6 @@ class NoAnswer(Exception):
 @dataclass(frozen=True, slots=True)
 class HttpAnswer:
     status: int
-    headers: list[tuple[bytes, bytes]]
     body: bytes
 
 
@@ -83,6 +82,17 @@ def https_proxy_for(origin: Origin, proxies: Mapping[str, str]) -> Proxy | None:
     return Proxy.from_url(proxies["https"])
 
 
+def request_head_for(method: str, url: str, body_length: int, headers: dict[str, str]) -> tuple[Origin, h11.Request]:
+    """The origin and the request head; ValueError for a URL or header h11 would not send."""
+    origin, target = split_url(url)
+    try:
+        return origin, h11.Request(method=method, target=target, headers=[
+            ("Host", origin.host_header), ("User-Agent", USER_AGENT), ("Content-Length", str(body_length)),
+            *headers.items()])
+    except h11.LocalProtocolError as error:
+        raise ValueError(f"cannot send this request: {error}") from None
+
+
 def split_url(url: str) -> tuple[Origin, str]:
     """The origin to connect to and the request target; ValueError for anything but an absolute http(s) URL."""
     parts = urlsplit(url)
@@ -120,11 +130,14 @@ class _Connection:
             body += event.data
             if len(body) > MAX_RESPONSE_BYTES:
                 raise NoAnswer(f"answer over {MAX_RESPONSE_BYTES} bytes")
-        return HttpAnswer(response.status_code, list(response.headers), bytes(body))
+        return HttpAnswer(response.status_code, bytes(body))
 
     def finish_cycle(self, now: float) -> bool:
-        """Ready the connection for its next request; False when either side asked to close it."""
+        """Ready the connection for its next request; False when either side asked to close it, or when
+        bytes came after the answer (they would be taken for the next request's answer)."""
         if self.protocol.our_state is not h11.DONE or self.protocol.their_state is not h11.DONE:
+            return False
+        if any(self.protocol.trailing_data):
             return False
         self.protocol.start_next_cycle()
         self.idle_since = now
@@ -160,6 +173,8 @@ class HttpClient:
         self._pool_timeout_s = min(timeout_s, pool_timeout_s or timeout_s)
         self._ssl_context = ssl_context or ssl.create_default_context()
         self._proxies = dict(proxies or {})
+        if self._proxies.get("https"):
+            Proxy.from_url(self._proxies["https"])  # a bad proxy URL fails here, before any request is taken on
         self._idle: dict[Origin, list[_Connection]] = {}
         self.connections_opened = 0
 
@@ -177,13 +192,7 @@ class HttpClient:
 
     async def request(self, method: str, url: str, body: bytes, headers: dict[str, str]) -> HttpAnswer:
         """One exchange. Raises RequestNotSent or NoAnswer; ValueError for a URL or header it cannot send."""
-        origin, target = split_url(url)
-        try:
-            request_head = h11.Request(method=method, target=target, headers=[
-                ("Host", origin.host_header), ("User-Agent", USER_AGENT), ("Content-Length", str(len(body))),
-                *headers.items()])
-        except h11.LocalProtocolError as error:
-            raise ValueError(f"cannot send this request: {error}") from None
+        origin, request_head = request_head_for(method, url, len(body), headers)
         with trio.move_on_after(self._pool_timeout_s) as waiting:
             await self._slots.acquire()
         if waiting.cancelled_caught:

@@ -77,6 +77,8 @@ def test_broadcast_commands_are_wired(tmp_path, monkeypatch, capsys):
     ("WHATSAPP_ACCESS_TOKEN", "EAAG token\n", "a stray newline or space"),
     ("WHATSAPP_PHONE_NUMBER_ID", "", "numeric id"),
     ("WHATSAPP_API_BASE", "graph.facebook.com", "must be an http(s) URL"),
+    ("WHATSAPP_API_VERSION", "v21 .0", "Illegal target characters"),
+    ("HTTPS_PROXY", "socks5://proxy.internal:1080", "not an http:// proxy URL"),
 ])
 def test_sending_refuses_settings_no_send_could_work_with(tmp_path, monkeypatch, capsys, command, setting, value,
                                                            complaint):

@@ -299,3 +299,20 @@ async def test_a_tunnel_the_proxy_refuses_is_not_sent():
                 await client.post("https://graph.facebook.com/v21.0/1065/messages", b"{}", JSON)
         nursery.cancel_scope.cancel()
     assert [tunnel.target for tunnel in tunnels] == [b"graph.facebook.com:443"]
+
+
+async def test_bytes_after_an_answer_are_never_taken_for_the_next_answer():
+    async def answer_twice(stream: trio.SocketStream) -> None:
+        async with stream:
+            await read_request(stream, h11.Connection(h11.SERVER))
+            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+                                  b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray")
+            await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        port = await serve(nursery, answer_twice)
+        async with HttpClient(max_connections=1, timeout_s=5) as client:
+            assert (await client.post(f"http://127.0.0.1:{port}/", b"{}", JSON)).body == b"{}"
+            assert (await client.post(f"http://127.0.0.1:{port}/", b"{}", JSON)).body == b"{}"
+            assert client.connections_opened == 2
+        nursery.cancel_scope.cancel()

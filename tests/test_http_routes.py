@@ -7,6 +7,7 @@ from functools import partial
 
 import pytest
 import trio
+import trio.testing
 from trio_websocket import HandshakeError, open_websocket_url
 
 from app.carriers import twilio
@@ -200,3 +201,24 @@ async def test_only_a_route_that_may_hold_is_cancelled_when_its_client_hangs_up(
         await trio.sleep(10)
     await with_router(router, check)
     assert endings == {"hold": "cancelled", "quick": "answered"}
+
+
+async def test_a_request_read_in_the_turn_its_deadline_passed_never_starts_a_handler(mock_clock):
+    started = []
+
+    async def handler(request: HttpRequest) -> HttpResponse:
+        started.append(request.path)
+        await trio.sleep(0)
+        return HttpResponse(200, b"ok")
+
+    router = Router()
+    router.http("GET", "/late", handler)
+
+    async def check(port):
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+            await trio.testing.wait_all_tasks_blocked()  # the server waits for the head under its deadline
+            await stream.send_all(b"GET /late HTTP/1.1\r\nHost: x\r\n\r\n")
+            mock_clock.jump(REQUEST_TIMEOUT_S + 1)  # the bytes and the deadline reach the server in one turn
+            assert await stream.receive_some(65536) == b""
+    await with_router(router, check)
+    assert started == []

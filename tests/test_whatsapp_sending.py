@@ -118,3 +118,21 @@ async def test_the_rate_limit_holds_at_the_provider(migrated, tmp_path):
     received = sorted(message["received_at"] for message in sent)
     # 20 msg/s: any 1 s window holds at most 20 sends, plus one for the window's edges.
     assert max(sum(1 for at in received if start <= at < start + 1.0) for start in received) <= 21
+
+
+async def test_settings_no_request_can_carry_pause_the_broadcast_and_claim_nobody_for_good(migrated, tmp_path):
+    broadcast_id = new_broadcast(5)
+    record_path = tmp_path / "sandbox.jsonl"
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(lambda task_status: serve_sandbox(
+            "127.0.0.1", 0, record_path=record_path, fail_spec="", seed=3, task_status=task_status))
+        settings = Settings(whatsapp_api_base=f"http://127.0.0.1:{port}", whatsapp_phone_number_id="1065",
+                            whatsapp_access_token="token\n")
+        await trio.to_thread.run_sync(dispatch.start, broadcast_id, 0.0, utc_now())
+        with trio.fail_after(60):
+            final = await BroadcastWorker(settings, broadcast_id, SendOptions(0.0, 3)).run()
+        nursery.cancel_scope.cancel()
+    assert final == "paused"
+    assert "no message can be sent with these settings" in WhatsappBroadcast.get_by_id(broadcast_id).paused_reason
+    assert records(record_path) == []
+    assert recipient_status_counts(broadcast_id)["queued"] == 5

@@ -11,6 +11,8 @@ import trio
 
 from app.http_client import split_url
 from app.settings import Settings
+from app.whatsapp.cloud_api import messages_url
+from app.whatsapp.sender import check_sending_setup
 from app.whatsapp import dispatch
 from app.whatsapp.commands import EXIT_OK, CommandError, with_database
 from app.whatsapp.worker import BroadcastWorker, SendOptions
@@ -75,6 +77,11 @@ def _refuse_unusable_sending_settings(settings: Settings) -> None:
         raise CommandError("WHATSAPP_ACCESS_TOKEN is not set")
     if not (token.isascii() and token.isprintable()) or " " in token:
         raise CommandError("WHATSAPP_ACCESS_TOKEN must be one word of printable ASCII (a stray newline or space?)")
+    try:
+        check_sending_setup(messages_url(settings.whatsapp_api_base, settings.whatsapp_api_version,
+                                         settings.whatsapp_phone_number_id), token)
+    except ValueError as error:
+        raise CommandError(f"no message could be sent with these settings (WHATSAPP_*, HTTPS_PROXY): {error}") from None
 
 
 def _spawn_worker(broadcast_id: int) -> subprocess.Popen:

@@ -7,7 +7,7 @@ import random
 import urllib.request
 from dataclasses import dataclass
 
-from app.http_client import HttpClient, NoAnswer, RequestNotSent
+from app.http_client import HttpClient, NoAnswer, RequestNotSent, request_head_for
 from app.whatsapp.cloud_api import RetryLater, SendOutcome, classify_response
 
 REQUEST_TIMEOUT_S = 10.0
@@ -23,6 +23,13 @@ class OutcomeUnknown:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class NotSendable:
+    """The request could not even be built (a setting h11 refuses): nothing left, and no recipient is to blame."""
+
+    reason: str
+
+
 def new_client(max_connections: int, lease_s: float) -> HttpClient:
     """One pooled client per worker: connection reuse, bounded concurrency, and a timeout on the whole
     exchange well inside the claim's lease, so a live worker always records its result before the lease ends."""
@@ -32,10 +39,22 @@ def new_client(max_connections: int, lease_s: float) -> HttpClient:
                       proxies=urllib.request.getproxies_environment())
 
 
-async def post_message(client: HttpClient, url: str, access_token: str, body: dict) -> SendOutcome | OutcomeUnknown:
+def check_sending_setup(url: str, access_token: str) -> None:
+    """ValueError when no message could be sent with this URL, token or proxy setting, before anyone is claimed."""
+    new_client(1, 1.0)
+    request_head_for("POST", url, 0, _headers(access_token))
+
+
+def _headers(access_token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {access_token}", "Content-Type": "application/json"}
+
+
+async def post_message(client: HttpClient, url: str, access_token: str,
+                       body: dict) -> SendOutcome | OutcomeUnknown | NotSendable:
     try:
-        answer = await client.post(url, json.dumps(body, ensure_ascii=False).encode(), {
-            "Authorization": f"Bearer {access_token}", "Content-Type": "application/json"})
+        answer = await client.post(url, json.dumps(body, ensure_ascii=False).encode(), _headers(access_token))
+    except ValueError as error:
+        return NotSendable(str(error))
     except RequestNotSent as error:
         return RetryLater(None, f"not sent: {error}")
     except NoAnswer as error:

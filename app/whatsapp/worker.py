@@ -23,7 +23,7 @@ from app.settings import Settings
 from app.whatsapp import dispatch
 from app.whatsapp.cloud_api import Rejected, RetryLater, Sent, TokenRejected, messages_url
 from app.whatsapp.dispatch import ClaimedRecipient
-from app.whatsapp.sender import OutcomeUnknown, new_client, post_message, retry_delay_s
+from app.whatsapp.sender import NotSendable, OutcomeUnknown, new_client, post_message, retry_delay_s
 from storage.models import utc_now
 
 logger = logging.getLogger("callgate.broadcast")
@@ -65,7 +65,7 @@ class BroadcastWorker:
                                  settings.whatsapp_phone_number_id)
         self._rng = random.Random()
         self._status = "running"
-        self._token_refusal: str | None = None
+        self._pause_reason: str | None = None
         self._db_limiter = trio.CapacityLimiter(1)
 
     def log(self, message: str, *, level: int = logging.INFO, **fields: object) -> None:
@@ -156,10 +156,10 @@ class BroadcastWorker:
                 for result in batch:
                     if result.status != "queued":
                         self._on_result(result.status)
-                if self._token_refusal is not None and self._status == "running":
-                    await self._in_db_thread(dispatch.pause, self.broadcast_id, self._token_refusal)
+                if self._pause_reason is not None and self._status == "running":
+                    await self._in_db_thread(dispatch.pause, self.broadcast_id, self._pause_reason)
                     self._status = "paused"
-                    self.log("broadcast paused", level=logging.ERROR, why=self._token_refusal)
+                    self.log("broadcast paused", level=logging.ERROR, why=self._pause_reason)
 
     def _result_of(self, recipient: ClaimedRecipient, outcome) -> dispatch.RecipientResult:
         now = utc_now()
@@ -173,7 +173,10 @@ class BroadcastWorker:
             case RetryLater(code, message) | Rejected(code, message):
                 return dispatch.failed(recipient, code, message, now)
             case TokenRejected(code, message):
-                self._token_refusal = f"access token refused by the Cloud API (code {code}): {message}"
+                self._pause_reason = f"access token refused by the Cloud API (code {code}): {message}"
+                return dispatch.released(recipient)
+            case NotSendable(reason):
+                self._pause_reason = f"no message can be sent with these settings: {reason}"
                 return dispatch.released(recipient)
             case OutcomeUnknown(reason):
                 self.log("send outcome unknown; not resent", level=logging.WARNING, why=reason)

@@ -1,7 +1,7 @@
 """When each recipient's last error happened, so `broadcast status` lists the latest errors first.
 
 Errors recorded before this column existed keep it NULL and are listed after the timed ones. The
-index serves that listing: one broadcast's rows by error time, newest first, without a scan.
+index narrows that listing to one broadcast's rows (SQLite also reads them in error-time order).
 """
 
 import peewee
