@@ -3,6 +3,7 @@ kept-alive connections."""
 
 from __future__ import annotations
 
+import socket
 from functools import partial
 
 import pytest
@@ -215,10 +216,11 @@ async def test_a_request_read_in_the_turn_its_deadline_passed_never_starts_a_han
     router.http("GET", "/late", handler)
 
     async def check(port):
-        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        # A plain socket: sending with no checkpoint, the server cannot read before the clock jumps.
+        with socket.create_connection(("127.0.0.1", port)) as client:
             await trio.testing.wait_all_tasks_blocked()  # the server waits for the head under its deadline
-            await stream.send_all(b"GET /late HTTP/1.1\r\nHost: x\r\n\r\n")
+            client.sendall(b"GET /late HTTP/1.1\r\nHost: x\r\n\r\n")
             mock_clock.jump(REQUEST_TIMEOUT_S + 1)  # the bytes and the deadline reach the server in one turn
-            assert await stream.receive_some(65536) == b""
+            assert await trio.socket.from_stdlib_socket(client).recv(65536) == b""
     await with_router(router, check)
     assert started == []
