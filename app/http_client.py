@@ -117,12 +117,7 @@ class _Connection:
         return now - self.idle_since < IDLE_EXPIRY_S and not self.socket().is_readable()
 
     async def exchange(self, request: bytes) -> HttpAnswer:
-        await self.stream.send_all(request)
-        response = await self._next_event()
-        while isinstance(response, h11.InformationalResponse):
-            response = await self._next_event()
-        if not isinstance(response, h11.Response):
-            raise NoAnswer(CLOSED_BEFORE_ANSWER)
+        response = await self.send_and_read_head(request)
         body = bytearray()
         while not isinstance(event := await self._next_event(), h11.EndOfMessage):
             if not isinstance(event, h11.Data):
@@ -131,6 +126,16 @@ class _Connection:
             if len(body) > MAX_RESPONSE_BYTES:
                 raise NoAnswer(f"answer over {MAX_RESPONSE_BYTES} bytes")
         return HttpAnswer(response.status_code, bytes(body))
+
+    async def send_and_read_head(self, request: bytes) -> h11.Response:
+        """Write the request and read the answer's head, past any 1xx; NoAnswer when none comes."""
+        await self.stream.send_all(request)
+        response = await self._next_event()
+        while isinstance(response, h11.InformationalResponse):
+            response = await self._next_event()
+        if not isinstance(response, h11.Response):
+            raise NoAnswer(CLOSED_BEFORE_ANSWER)
+        return response
 
     def finish_cycle(self, now: float) -> bool:
         """Ready the connection for its next request; False when either side asked to close it, or when
@@ -235,7 +240,7 @@ class HttpClient:
                 stream = await self._open(origin, proxy)
         except trio.TooSlowError:
             raise RequestNotSent(f"no connection to {where} within {self._connect_timeout_s:g} s") from None
-        except (OSError, trio.BrokenResourceError, h11.ProtocolError) as error:
+        except _TRANSPORT_ERRORS as error:
             reason = error.__cause__ or error  # a failed TLS handshake says why in the SSLError beneath
             raise RequestNotSent(f"cannot connect to {where}: {reason}") from None
         self.connections_opened += 1
@@ -261,17 +266,18 @@ async def _open_tunnel(proxy: Proxy, origin: Origin) -> trio.SocketStream:
     """A TCP stream to `origin` through the proxy's CONNECT; RequestNotSent when the proxy refuses it."""
     stream = await trio.open_tcp_stream(proxy.host, proxy.port)
     try:
-        protocol = h11.Connection(h11.CLIENT)
+        tunnel = _Connection(stream)
         authority = f"{origin.host}:{origin.port}"
         headers = [("Host", authority)] + ([("Proxy-Authorization", proxy.authorization)] if proxy.authorization else [])
-        await stream.send_all(protocol.send(h11.Request(method="CONNECT", target=authority, headers=headers))
-                              + protocol.send(h11.EndOfMessage()))
-        while (event := protocol.next_event()) is h11.NEED_DATA or isinstance(event, h11.InformationalResponse):
-            if event is h11.NEED_DATA:
-                protocol.receive_data(await stream.receive_some(RECEIVE_SIZE))
-        if not isinstance(event, h11.Response) or not 200 <= event.status_code < 300:
-            answer = f"HTTP {event.status_code}" if isinstance(event, h11.Response) else type(event).__name__
-            raise RequestNotSent(f"the proxy {proxy.host}:{proxy.port} refused a tunnel to {authority}: {answer}")
+        refusal = f"the proxy {proxy.host}:{proxy.port} refused a tunnel to {authority}"
+        try:
+            response = await tunnel.send_and_read_head(
+                tunnel.protocol.send(h11.Request(method="CONNECT", target=authority, headers=headers))
+                + tunnel.protocol.send(h11.EndOfMessage()))
+        except NoAnswer as error:
+            raise RequestNotSent(f"{refusal}: {error}") from None
+        if not 200 <= response.status_code < 300:
+            raise RequestNotSent(f"{refusal}: HTTP {response.status_code}")
     except BaseException:
         await trio.aclose_forcefully(stream)
         raise

@@ -188,12 +188,20 @@ async def test_connections_idle_past_the_expiry_are_not_reused(autojump_clock):
         nursery.cancel_scope.cancel()
 
 
-async def test_a_chunked_answer_is_read_whole_and_connection_close_is_honoured():
-    async def chunked_then_close(stream: trio.SocketStream) -> None:
+def answering_each_request_with(raw_answer: bytes):
+    """A server that reads one request per connection and writes `raw_answer` as it is, then waits."""
+    async def answer(stream: trio.SocketStream) -> None:
         async with stream:
             await read_request(stream, h11.Connection(h11.SERVER))
-            await stream.send_all(b"HTTP/1.1 400 Bad Request\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
-                                  b"5\r\n{\"a\":\r\n2\r\n1}\r\n0\r\n\r\n")
+            await stream.send_all(raw_answer)
+            await trio.sleep_forever()
+    return answer
+
+
+async def test_a_chunked_answer_is_read_whole_and_connection_close_is_honoured():
+    chunked_then_close = answering_each_request_with(
+        b"HTTP/1.1 400 Bad Request\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        b"5\r\n{\"a\":\r\n2\r\n1}\r\n0\r\n\r\n")
 
     async with trio.open_nursery() as nursery:
         port = await serve(nursery, chunked_then_close)
@@ -302,12 +310,8 @@ async def test_a_tunnel_the_proxy_refuses_is_not_sent():
 
 
 async def test_bytes_after_an_answer_are_never_taken_for_the_next_answer():
-    async def answer_twice(stream: trio.SocketStream) -> None:
-        async with stream:
-            await read_request(stream, h11.Connection(h11.SERVER))
-            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
-                                  b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray")
-            await trio.sleep_forever()
+    answer_twice = answering_each_request_with(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+                                               b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray")
 
     async with trio.open_nursery() as nursery:
         port = await serve(nursery, answer_twice)
