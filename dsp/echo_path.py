@@ -41,3 +41,12 @@ def line_noise(sample_count: int, noise_rms: float, rng: np.random.Generator) ->
 def to_int16(signal: np.ndarray) -> np.ndarray:
     """Round and clip a float signal to int16, as the line's codec would."""
     return np.clip(np.rint(signal), -32768, 32767).astype(np.int16)
+
+
+def active_speech_rms(speech: np.ndarray, frame_samples: int = 160, active_range_db: float = 35.0) -> float:
+    """RMS over the 20 ms frames within `active_range_db` of the loudest: a speech level that pauses do not lower."""
+    frame_count = len(speech) // frame_samples
+    frames = np.asarray(speech[: frame_count * frame_samples], dtype=np.float64).reshape(frame_count, frame_samples)
+    energies = np.mean(frames**2, axis=1)
+    active = energies >= energies.max() * 10.0 ** (-active_range_db / 10.0)
+    return float(np.sqrt(energies[active].mean()))
