@@ -235,7 +235,7 @@ class CallSession:
         if analysis.onset:
             self.feed(VoiceOnset(self.settings.barge_in_voice_frames * twilio.MEDIA_FRAME_MS))
         self.feed(Tick())
-        disposition = self.turns.inbound_disposition(analysis.passes_gate)
+        disposition = self.turns.inbound_disposition(analysis.caller_audio)
         if disposition is InboundDisposition.AUDIO:
             self._send_to_model(protocol.input_audio_append(media.payload))
         elif disposition is InboundDisposition.SILENCE:

@@ -103,11 +103,11 @@ class Turns:
         """The caller hears, or is about to hear, the bot: a live response or audio not yet played."""
         return any(response.audible for response in self._responses.values())
 
-    def inbound_disposition(self, passes_gate: bool) -> InboundDisposition:
-        """While the bot is audible the model hears only what the echo gate accepts as the caller."""
+    def inbound_disposition(self, caller_audio: bool) -> InboundDisposition:
+        """While the bot is audible the model hears only what the inbound path takes for the caller."""
         if self.first_utterance_protected:
             return _GREETING_LOCK_DISPOSITIONS[self.settings.greeting_lock_mode]
-        if self.bot_audible and not passes_gate:
+        if self.bot_audible and not caller_audio:
             return InboundDisposition.SILENCE
         return InboundDisposition.AUDIO
 

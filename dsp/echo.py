@@ -1,23 +1,27 @@
 """Echo gates: decide whether an inbound frame is the caller's voice or the bot's own echo.
 
-`RmsEchoGate` is the seed's rule. `ReferenceEchoGate` compares the inbound energy with what the
-line would carry without the caller: the echo predicted from the audio played to the caller, plus
-the line's noise floor (Geigel-style double-talk detection on energies). It finds the echo delay
-by cross-correlating energy envelopes, measures the echo return loss at that delay, and accepts a
-frame only when its energy clearly exceeds both. Once the delay is known it judges band by band
-instead (`dsp.subband`): a caller who starts quieter than the echo still shows in the bands the
-echo leaves free.
+`RmsEchoGate` is the seed's rule. `ReferenceEchoGate` compares the inbound frame with what the
+line would carry without the caller: the echo of the audio played to the caller, plus the line's
+noise floor. Before any echo is measured, `dsp.echo_bound` bounds the echo at every delay by what
+the line has shown while the bot spoke (a line without echo is known as such within a second).
+The echo delay is found by cross-correlating energy envelopes; from then on `dsp.canceller`
+predicts the echo bin by bin and judges the caller on what is left, so a caller who starts quieter
+than the echo is still heard.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Sequence
+from collections import deque
+from dataclasses import dataclass
 
 import numpy as np
 
+from dsp.canceller import SpectralEchoCanceller
+from dsp.echo_bound import EchoBound
+from dsp.history import RowHistory
 from dsp.level import NoiseFloorTracker
-from dsp.subband import SubbandEchoModel
 
 FRAME_SAMPLES = 160
 BLOCK_SAMPLES = 40
@@ -28,13 +32,14 @@ ENVELOPE_FLOOR_ENERGY = 100.0
 """Added to block energies before taking logs: 20 dB below the quietest line noise worth tracking."""
 
 _BLOCK_STARTS = np.arange(0, 2 * FRAME_SAMPLES, BLOCK_SAMPLES)
+_FRAME_OF_BLOCKS = np.full(BLOCKS_PER_FRAME, 1.0 / BLOCKS_PER_FRAME)
 
 
-def block_energies(near_and_far: np.ndarray) -> list[float]:
-    """Mean square of each 5 ms block of a (2, 160) near and far frame pair: 4 near blocks, then 4 far."""
+def block_energies(near_and_far: np.ndarray) -> np.ndarray:
+    """Mean square of each 5 ms block of a (2, 160) near and far frame pair: a (2, 4) array, near then far."""
     if near_and_far.shape != (2, FRAME_SAMPLES):
         raise ValueError(f"expected a near and a far 20 ms frame, shape (2, {FRAME_SAMPLES}), got {near_and_far.shape}")
-    return (np.add.reduceat(np.square(near_and_far).ravel(), _BLOCK_STARTS) * (1.0 / BLOCK_SAMPLES)).tolist()
+    return (np.add.reduceat(np.square(near_and_far).ravel(), _BLOCK_STARTS) * (1.0 / BLOCK_SAMPLES)).reshape(2, 4)
 
 
 class _EnergyGate:
@@ -43,16 +48,10 @@ class _EnergyGate:
     def accepts(self, near: np.ndarray, far: np.ndarray, bot_audible: bool) -> bool:
         """True when the inbound 20 ms frame `near` counts as the caller's voice; `far` is what played meanwhile."""
         near_and_far = np.array((near, far), dtype=np.float64)
-        energies = block_energies(near_and_far)
-        return self.accepts_frames(near_and_far, energies[:BLOCKS_PER_FRAME], energies[BLOCKS_PER_FRAME:], bot_audible)
+        return self.accepts_frames(near_and_far, block_energies(near_and_far), bot_audible)
 
-    def accepts_frames(
-        self,
-        near_and_far: np.ndarray,
-        near_block_energies: Sequence[float],
-        far_block_energies: Sequence[float],
-        bot_audible: bool,
-    ) -> bool:
+    def accepts_frames(self, near_and_far: np.ndarray, energies: np.ndarray, bot_audible: bool) -> bool:
+        """The same, given the frames' (2, 4) block energies from `block_energies`."""
         raise NotImplementedError
 
 
@@ -63,15 +62,9 @@ class RmsEchoGate(_EnergyGate):
         self.min_rms = min_rms
         self.min_energy = min_rms**2
 
-    def accepts_frames(
-        self,
-        near_and_far: np.ndarray,
-        near_block_energies: Sequence[float],
-        far_block_energies: Sequence[float],
-        bot_audible: bool,
-    ) -> bool:
+    def accepts_frames(self, near_and_far: np.ndarray, energies: np.ndarray, bot_audible: bool) -> bool:
         """The seed's rule on the frame's mean square; the far end is not used."""
-        return not bot_audible or sum(near_block_energies) / BLOCKS_PER_FRAME >= self.min_energy
+        return not bot_audible or float(energies[0].sum()) * (1.0 / BLOCKS_PER_FRAME) >= self.min_energy
 
 
 def estimate_echo_path(
@@ -112,32 +105,33 @@ def estimate_echo_path(
     if np.count_nonzero(far_active) < 0.2 * window_blocks:
         return None
     ratios = np.sort(near_envelope[far_active] / aligned_far[far_active])
-    # The median ratio: robust to the caller's bursts, and a sort is far cheaper than np.median here.
-    echo_gain = float(ratios[len(ratios) // 2])
+    # The upper quartile: robust to the caller's bursts, and steadier than the median on a coloured path,
+    # which returns a different share of each sound; a sort is far cheaper than np.percentile here.
+    echo_gain = float(ratios[3 * len(ratios) // 4])
     return max_lag_blocks - best_row, echo_gain
 
 
-def _frame_means(recent_blocks: Sequence[float], new_blocks: Sequence[float]) -> list[float]:
-    """Mean energy over the 20 ms ending at each new block, given the 3 blocks just before them."""
-    joined = [*recent_blocks, *new_blocks]
-    total = joined[0] + joined[1] + joined[2]
-    means = []
-    for index, energy in enumerate(new_blocks):
-        total += energy
-        means.append(total / BLOCKS_PER_FRAME)
-        total -= joined[index]
-    return means
+@dataclass(frozen=True, slots=True)
+class EchoPath:
+    """A measured echo path: its delay and energy gain; `confirmed` is False until an estimate places
+    the delay again after the far end fell silent (network jitter moves it from one response to the next)."""
+
+    delay_blocks: int
+    gain: float
+    confirmed: bool = True
 
 
 class ReferenceEchoGate(_EnergyGate):
-    """Accepts a frame only when its energy clearly exceeds the echo predicted from the far end, and the noise.
+    """Accepts a frame only when it clearly exceeds the echo the far end can cause, and the line noise.
 
-    Until the echo path is measured it assumes the worst case of G.168 (6 dB return loss) at any
-    delay up to `max_delay_ms`. While an echo is predicted the frame must also reach `min_rms`.
-    With no far-end audio in that span nothing can echo: then the rule is only "clearly above the
-    line noise", which the caller's speech always is. Once the delay is adopted and the band gains
-    measured, an echo-bearing frame is accepted when it is `clear_margin_db` above the broadband echo
-    or exceeds the echo in enough bands. The reference tells more than `bot_audible`, which is unused.
+    With no path measured, the echo predicted at each delay is what `EchoBound` has learned the
+    line may return there: G.168's worst case (6 dB return loss) until far-end audio has shown
+    otherwise. Once an echo path is adopted (two estimates in a row agree on its delay), a frame
+    `clear_margin_db` above the echo at that delay is accepted at once; otherwise the spectral
+    canceller decides on its residual. After a far-end silence the delay is unconfirmed (network
+    jitter may have moved it): the echo is then predicted `jitter_ms` either side of it, broadband,
+    and the frame must also reach `min_rms`, until an estimate places the delay again. The reference
+    tells more than `bot_audible`, which is unused.
     """
 
     def __init__(
@@ -149,114 +143,179 @@ class ReferenceEchoGate(_EnergyGate):
         clear_margin_db: float = 10.0,
         noise_margin_db: float = 6.0,
         delay_spread_ms: float = 5.0,
+        jitter_ms: float = 50.0,
+        far_gap_ms: float = 300.0,
         window_ms: float = 1000.0,
         estimate_every_frames: int = 50,
         search_every_frames: int = 5,
         min_correlation: float = 0.6,
+        double_talk_fraction: float = 0.2,
+        suspect_fraction: float = 0.6,
+        edge_db: float = 6.0,
+        shortest_window_ms: float = 300.0,
     ) -> None:
         self.min_energy = min_rms**2
         self.max_delay_blocks = int(round(max_delay_ms / BLOCK_MS))
         self.spread_blocks = int(round(delay_spread_ms / BLOCK_MS))
+        self.jitter_blocks = int(round(jitter_ms / BLOCK_MS))
+        self.far_gap_blocks = int(round(far_gap_ms / BLOCK_MS))
         self.window_blocks = int(round(window_ms / BLOCK_MS))
+        self.window_frames = self.window_blocks // BLOCKS_PER_FRAME
         self.estimate_every_frames = estimate_every_frames
         self.search_every_frames = search_every_frames
         self.min_correlation = min_correlation
         self.margin = 10.0 ** (margin_db / 10.0)
         self.clear_margin = 10.0 ** (clear_margin_db / 10.0)
         self.noise_margin = 10.0 ** (noise_margin_db / 10.0)
-        self.echo_gain = 10.0 ** (-default_echo_return_loss_db / 10.0)
-        self.echo_delay_blocks: int | None = None
-        self.last_echo_path: tuple[int, float] | None = None
+        self.default_echo_gain = 10.0 ** (-default_echo_return_loss_db / 10.0)
+        self.path: EchoPath | None = None
+        self.last_estimate: tuple[int, float] | None = None
         self.noise_floor = NoiseFloorTracker()
         self.frames_until_estimate = estimate_every_frames
-        self.history_blocks = self.window_blocks + self.max_delay_blocks + self.spread_blocks + BLOCKS_PER_FRAME
-        # Energies averaged over the 20 ms ending at each block: one near frame against what it can echo.
-        self.near_frames: list[float] = [0.0] * self.history_blocks
-        self.far_frames: list[float] = [0.0] * self.history_blocks
-        self.recent_near_blocks: Sequence[float] = [0.0] * (BLOCKS_PER_FRAME - 1)
-        self.recent_far_blocks: Sequence[float] = [0.0] * (BLOCKS_PER_FRAME - 1)
-        self.blocks_since_far_audio = self.history_blocks
-        self.subbands = SubbandEchoModel(history_samples=(self.history_blocks + BLOCKS_PER_FRAME) * BLOCK_SAMPLES)
+        self.delay_steps = self.max_delay_blocks + self.jitter_blocks + 1
+        # Block energies of near (row 0) and far (row 1).
+        history_blocks = self.window_blocks + self.max_delay_blocks + self.jitter_blocks + BLOCKS_PER_FRAME
+        self.blocks = RowHistory(2, history_blocks)
+        self.blocks_since_far_audio = history_blocks
+        self.blocks_since_far_start = 0
+        self.shortest_window_blocks = int(round(shortest_window_ms / BLOCK_MS))
+        self.double_talk_frames = double_talk_fraction * self.window_frames
+        self.suspect_frames = suspect_fraction * self.window_frames
+        self.edge_ratio = 10.0 ** (edge_db / 10.0)
+        # Which of the window's frames the gate accepted: estimates over the caller's voice can mislead.
+        self.accepted_frames: deque[bool] = deque([False] * self.window_frames, maxlen=self.window_frames)
+        self.accepted_count = 0
+        self.canceller = SpectralEchoCanceller(history_samples=(history_blocks + BLOCKS_PER_FRAME) * BLOCK_SAMPLES)
+        self.bound = EchoBound(self.delay_steps, prior_gain_db=-default_echo_return_loss_db)
 
     @property
-    def echo_return_loss_db(self) -> float:
-        return -10.0 * math.log10(max(self.echo_gain, 1e-12))
+    def echo_return_loss_db(self) -> float | None:
+        return None if self.path is None else -10.0 * math.log10(max(self.path.gain, 1e-12))
 
     @property
     def echo_delay_ms(self) -> float | None:
-        return None if self.echo_delay_blocks is None else self.echo_delay_blocks * BLOCK_MS
+        return None if self.path is None else self.path.delay_blocks * BLOCK_MS
 
-    def accepts_frames(
-        self,
-        near_and_far: np.ndarray,
-        near_block_energies: Sequence[float],
-        far_block_energies: Sequence[float],
-        bot_audible: bool,
-    ) -> bool:
-        """True when the near frame is louder, by the margins, than the echo the far end can cause and the noise.
-
-        Louder either broadband, or in enough bands once the echo path is measured.
-        """
-        self._push(near_block_energies, far_block_energies)
-        self.subbands.push(near_and_far)
-        near_energy = self.near_frames[-1]
+    def accepts_frames(self, near_and_far: np.ndarray, energies: np.ndarray, bot_audible: bool) -> bool:
+        """True when the near frame is louder, by the margins, than the echo the far end can cause and the noise."""
+        self._push(energies)
+        self.canceller.push(near_and_far)
+        near_energy = float(energies[0].sum()) * (1.0 / BLOCKS_PER_FRAME)
         noise_energy = self.noise_floor.update(math.sqrt(near_energy)) ** 2
+        if self.blocks_since_far_audio >= self.delay_steps + BLOCKS_PER_FRAME:
+            self._count(False)
+            return near_energy > self.noise_margin * noise_energy
+        far_by_delay = self._far_frame_energies(self.delay_steps)[::-1]
+        if self.path is None:
+            # The bound stands in for a measured path only: once one is adopted it is never consulted again.
+            self.bound.learn(near_energy, noise_energy, far_by_delay)
+        accepted = self._accepts(near_and_far[0], near_energy, noise_energy, far_by_delay)
+        self._count(accepted)
+        if self.accepted_count > self.suspect_frames and self.canceller.ready:
+            # Most of a second taken for the caller: more likely the line changed than a caller this long.
+            self.canceller.suspend()
+        if accepted:
+            # The caller over the bot, or an echo louder than we thought: look at the echo path soon.
+            self.frames_until_estimate = min(self.frames_until_estimate, self.search_every_frames)
+        return accepted
+
+    def _accepts(self, near: np.ndarray, near_energy: float, noise_energy: float, far_by_delay: np.ndarray) -> bool:
         if near_energy <= self.noise_margin * noise_energy:
             return False
-        if self.blocks_since_far_audio > self.max_delay_blocks + self.spread_blocks + BLOCKS_PER_FRAME:
-            return True
-        if near_energy < self.min_energy:
-            return False
-        broadband_echo = self.echo_gain * self._loudest_far_frame()
-        if self.subbands.excess_weights is None:
-            return near_energy > self.margin * broadband_echo
-        # Far above the echo broadband, the bands need no look; the spectral test is the costly one.
+        path = self.path
+        if path is None:
+            return near_energy > self.margin * (self.bound.predicted_echo(far_by_delay) + noise_energy)
+        spread = self.spread_blocks if path.confirmed else self.jitter_blocks
+        shortest = max(0, path.delay_blocks - spread)
+        broadband_echo = path.gain * float(far_by_delay[shortest:path.delay_blocks + spread + 1].max())
+        if not path.confirmed:
+            return near_energy >= self.min_energy and near_energy > self.margin * broadband_echo
+        # Far above the echo broadband, the residual needs no look; the spectral test is the costly one.
         if near_energy > self.clear_margin * broadband_echo:
             return True
-        return self.subbands.shows_caller(near_and_far[0], noise_energy, near_energy)
+        canceller = self.canceller
+        canceller.observe(near)
+        # A frame echoing the far end's start or end of a word is cancelled poorly: judge it broadband.
+        delay = path.delay_blocks
+        at_edge = float(far_by_delay[max(0, delay - BLOCKS_PER_FRAME):delay + BLOCKS_PER_FRAME + 1].max()) > (
+            self.edge_ratio * float(far_by_delay[delay]))
+        if canceller.ready and not at_edge:
+            if canceller.shows_caller(noise_energy, near_energy):
+                return True
+        elif near_energy >= self.min_energy and near_energy > self.margin * broadband_echo:
+            return True
+        canceller.learn()
+        return False
 
-    def _push(self, near_block_energies: Sequence[float], far_block_energies: Sequence[float]) -> None:
-        self.near_frames += _frame_means(self.recent_near_blocks, near_block_energies)
-        self.far_frames += _frame_means(self.recent_far_blocks, far_block_energies)
-        self.recent_near_blocks = near_block_energies[1:]
-        self.recent_far_blocks = far_block_energies[1:]
-        # Trim in bulk now and then rather than every frame: amortised O(1) on the per-frame path.
-        if len(self.near_frames) > 2 * self.history_blocks:
-            del self.near_frames[: -self.history_blocks]
-            del self.far_frames[: -self.history_blocks]
-        far_audible = max(far_block_energies) > 0.0
-        self.blocks_since_far_audio = 0 if far_audible else self.blocks_since_far_audio + BLOCKS_PER_FRAME
+    def _count(self, accepted: bool) -> None:
+        self.accepted_count += accepted - self.accepted_frames[0]
+        self.accepted_frames.append(accepted)
+
+    def _far_frame_energies(self, count: int) -> np.ndarray:
+        """Mean far-end energy of the 20 ms ending at each of the last `count` blocks, oldest first."""
+        return self._frame_energies(1, count)
+
+    def _frame_energies(self, row: int, count: int) -> np.ndarray:
+        end = self.blocks.end
+        return np.convolve(self.blocks.values[row, end - count - BLOCKS_PER_FRAME + 1:end], _FRAME_OF_BLOCKS, "valid")
+
+    def _push(self, energies: np.ndarray) -> None:
+        self.blocks.append(energies)
+        if energies[1].max() > 0.0:
+            if self.blocks_since_far_audio >= self.far_gap_blocks:
+                self.blocks_since_far_start = 0
+                if self.path is not None:
+                    self.path = dataclasses.replace(self.path, confirmed=False)
+            self.blocks_since_far_audio = 0
+        else:
+            self.blocks_since_far_audio += BLOCKS_PER_FRAME
+        self.blocks_since_far_start += BLOCKS_PER_FRAME
         self.frames_until_estimate -= 1
         if self.frames_until_estimate <= 0:
-            # Until a path is adopted, estimate often: the bot has just started and the gate is at its bluntest.
-            measured = self.echo_delay_blocks is not None
-            self.frames_until_estimate = self.estimate_every_frames if measured else self.search_every_frames
-            if self.blocks_since_far_audio < self.window_blocks:
+            # Until a path is adopted and confirmed, estimate often: the gate is at its bluntest then.
+            settled = self.path is not None and self.path.confirmed
+            self.frames_until_estimate = self.estimate_every_frames if settled else self.search_every_frames
+            if self.blocks_since_far_audio < self.window_blocks and self.blocks_since_far_start >= self.shortest_window_blocks:
                 self._estimate()
 
-    def _loudest_far_frame(self) -> float:
-        """The loudest far-end 20 ms within the delays the echo may currently have."""
-        if self.echo_delay_blocks is None:
-            shortest, longest = 0, self.max_delay_blocks + self.spread_blocks
-        else:
-            shortest = max(0, self.echo_delay_blocks - self.spread_blocks)
-            longest = self.echo_delay_blocks + self.spread_blocks
-        end = len(self.far_frames) - shortest
-        return max(self.far_frames[end - (longest - shortest) - 1:end])
-
     def _estimate(self) -> None:
-        far_envelope = np.array(self.far_frames[-(self.window_blocks + self.max_delay_blocks):])
-        near_envelope = np.array(self.near_frames[-self.window_blocks:])
+        # Only what followed the far end's last start: earlier audio may be the caller talking into a silence.
+        window_blocks = min(self.window_blocks, self.blocks_since_far_start)
+        far_envelope = self._far_frame_energies(window_blocks + self.max_delay_blocks)
+        near_envelope = self._frame_energies(0, window_blocks)
         # Floor the far envelope where its echo would sink into the line noise, as the near one does:
         # otherwise the far end's quiet starts are seen before their echoes and bias the delay long.
-        far_floor_energy = max(ENVELOPE_FLOOR_ENERGY, (self.noise_floor.floor_rms or 0.0) ** 2 / self.echo_gain)
-        echo_path = estimate_echo_path(near_envelope, far_envelope, self.min_correlation, far_floor_energy)
-        previous, self.last_echo_path = self.last_echo_path, echo_path
-        # Adopt a path only when two estimates in a row agree on the delay, with the louder echo of the two.
-        if echo_path is not None and previous is not None and abs(echo_path[0] - previous[0]) <= self.spread_blocks:
-            self.echo_delay_blocks = echo_path[0]
-            self.echo_gain = max(echo_path[1], previous[1])
-            self.subbands.follow_echo_path(self.echo_delay_blocks, self.window_blocks // BLOCKS_PER_FRAME)
+        gain = self.default_echo_gain if self.path is None else self.path.gain
+        far_floor_energy = max(ENVELOPE_FLOOR_ENERGY, (self.noise_floor.floor_rms or 0.0) ** 2 / gain)
+        estimate = estimate_echo_path(near_envelope, far_envelope, self.min_correlation, far_floor_energy)
+        previous, self.last_estimate = self.last_estimate, estimate
+        if estimate is None:
+            return
+        delay_blocks, estimated_gain = estimate
+        path = self.path
+        near_known_delay = path is not None and abs(delay_blocks - path.delay_blocks) <= self.jitter_blocks
+        if self.accepted_count > self.double_talk_frames:
+            # Much of the window passed as the caller: a louder echo near the delay we know (a speakerphone
+            # switched on) is believed at once, over all the delays it may be at; nothing else is.
+            if near_known_delay and estimated_gain > 2 * path.gain:
+                self._adopt(EchoPath(path.delay_blocks, estimated_gain, confirmed=False))
+            return
+        if near_known_delay and not path.confirmed:
+            self._adopt(EchoPath(delay_blocks, max(estimated_gain, path.gain)))
+        elif previous is not None and abs(delay_blocks - previous[0]) <= self.spread_blocks:
+            # A new delay only when two estimates in a row agree on it, with the louder echo of the two.
+            self._adopt(EchoPath(delay_blocks, max(estimated_gain, previous[1])))
+
+    def _adopt(self, path: EchoPath) -> None:
+        previous = self.path
+        if previous is not None and abs(path.delay_blocks - previous.delay_blocks) <= self.spread_blocks:
+            # At the same delay the echo gain falls by at most 3 dB an estimate: a coloured echo path
+            # returns a different share of each stretch of speech, and the estimate swings with it.
+            path = dataclasses.replace(path, gain=max(path.gain, previous.gain / 2.0))
+        if previous is not None and not 0.25 < path.gain / previous.gain < 4.0:
+            self.canceller.reset()  # the echo moved by more than 6 dB: a new line, not the one it learned
+        self.path = path
+        self.canceller.follow_echo_path(path.delay_blocks * BLOCK_SAMPLES)
 
 
 def make_echo_gate(mode: str, min_rms: float) -> RmsEchoGate | ReferenceEchoGate:

@@ -13,6 +13,8 @@ from dsp.vad import FrameVad, VoiceOnset
 
 INBOUND_FRAME_BYTES = 160
 """One 20 ms frame of 8 kHz mu-law, as the carrier sends it."""
+CALLER_HANGOVER_FRAMES = 10
+"""After a voiced frame the gate took for the caller, voiced frames within 200 ms are the caller's too."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +26,9 @@ class FrameAnalysis:
     voiced: bool
     passes_gate: bool
     onset: bool
+    caller_audio: bool
+    """What the model should hear as the caller: frames the gate passes, and voiced frames just after
+    them (the quiet syllables of a caller talking over the bot, which the echo hides from the gate)."""
 
 
 class InboundFrameAnalyzer:
@@ -37,6 +42,7 @@ class InboundFrameAnalyzer:
         self.voice_onset = VoiceOnset(voice_frames=voice_frames, debounce_ms=debounce_ms)
         # Reused every frame: the near and far frames as float rows, converted by assignment.
         self.near_and_far = np.zeros((2, INBOUND_FRAME_BYTES))
+        self.frames_since_caller_voice = CALLER_HANGOVER_FRAMES + 1
 
     def analyze(self, payload: bytes, far: np.ndarray | None, bot_audible: bool, now_ms: float) -> FrameAnalysis:
         """Analyse one 160-byte mu-law frame; `far` is the 20 ms played to the caller meanwhile (None: nothing)."""
@@ -51,10 +57,12 @@ class InboundFrameAnalyzer:
         self.near_and_far[1] = 0 if far is None else far
         # One pass over near and far together: the gate and the RMS share these block energies.
         energies = block_energies(self.near_and_far)
-        near_energies = energies[:BLOCKS_PER_FRAME]
-        passes_gate = self.gate.accepts_frames(self.near_and_far, near_energies, energies[BLOCKS_PER_FRAME:], bot_audible)
+        passes_gate = self.gate.accepts_frames(self.near_and_far, energies, bot_audible)
         voiced = self.vad.is_voiced(pcm)
         onset = self.voice_onset.update(voiced and passes_gate, now_ms)
+        self.frames_since_caller_voice = 0 if voiced and passes_gate else self.frames_since_caller_voice + 1
+        caller_audio = passes_gate or (voiced and self.frames_since_caller_voice <= CALLER_HANGOVER_FRAMES)
         return FrameAnalysis(
-            pcm=pcm, rms=math.sqrt(sum(near_energies) / BLOCKS_PER_FRAME), voiced=voiced, passes_gate=passes_gate, onset=onset
+            pcm=pcm, rms=math.sqrt(float(energies[0].sum()) / BLOCKS_PER_FRAME), voiced=voiced, passes_gate=passes_gate,
+            onset=onset, caller_audio=caller_audio,
         )

@@ -248,15 +248,15 @@ def test_a_model_that_never_answers_does_not_lock_the_call():
 def test_greeting_lock_modes(mode, expected):
     turns = Turns(Settings(greeting_lock_mode=mode))
     turns.handle(CallStarted(), 0.0)
-    assert turns.inbound_disposition(passes_gate=True) is expected
+    assert turns.inbound_disposition(caller_audio=True) is expected
 
 
 def test_while_the_bot_is_audible_the_model_hears_only_what_the_echo_gate_accepts():
     turns, _ = answering_call()
-    assert turns.inbound_disposition(passes_gate=False) is InboundDisposition.SILENCE
-    assert turns.inbound_disposition(passes_gate=True) is InboundDisposition.AUDIO
+    assert turns.inbound_disposition(caller_audio=False) is InboundDisposition.SILENCE
+    assert turns.inbound_disposition(caller_audio=True) is InboundDisposition.AUDIO
     quiet = greeted_call()
-    assert quiet.inbound_disposition(passes_gate=False) is InboundDisposition.AUDIO
+    assert quiet.inbound_disposition(caller_audio=False) is InboundDisposition.AUDIO
 
 
 @pytest.mark.parametrize("settings, per_call", [(Settings(enable_barge_in=False), True), (Settings(), False)])

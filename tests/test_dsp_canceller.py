@@ -1,18 +1,18 @@
-"""Sub-band double-talk detection in the reference gate: band powers, band gains, and early onsets."""
+"""The spectral echo canceller in the reference gate: band powers, delay refinement, the residual, and early onsets."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-import dsp.subband
+import dsp.canceller
 
 from dsp.echo import ReferenceEchoGate, block_energies
 from dsp.echo_path import line_noise, simulate_echo, to_int16
 from dsp.g711 import ulaw_encode
 from dsp.inbound import InboundFrameAnalyzer
 from dsp.level import rms
-from dsp.subband import BAND_BINS, BAND_COUNT, band_powers
+from dsp.canceller import BAND_BINS, BAND_COUNT, band_powers, refine_delay
 
 FRAME = 160
 NOISE_RMS = 30.0
@@ -40,7 +40,7 @@ def first_loud_frame(samples: np.ndarray) -> int:
 @pytest.mark.parametrize("transform", ["compiled", "public fallback"])
 def test_band_powers_sum_the_rfft_bins_of_each_band(transform, monkeypatch):
     if transform == "public fallback":
-        monkeypatch.setattr(dsp.subband, "_pocketfft_r2c", None)
+        monkeypatch.setattr(dsp.canceller, "_pocketfft_r2c", None)
     rows = np.random.default_rng(0).normal(0.0, 1000.0, (3, FRAME))
     bin_powers = np.abs(np.fft.rfft(rows)) ** 2
     expected = bin_powers[:, 1:].reshape(3, BAND_COUNT, BAND_BINS).sum(axis=2)
@@ -52,18 +52,44 @@ def test_block_energies_refuse_anything_but_a_frame_pair():
         block_energies(np.zeros(FRAME))
 
 
-def test_band_gains_follow_a_coloured_echo_path(speech_clip):
+@pytest.mark.parametrize("lag_samples", [-17, 0, 5, 31])
+def test_refine_delay_finds_the_lag_of_speech_to_the_sample(speech_clip, lag_samples):
+    far = speech_clip("bot_answer_en.wav").astype(np.float64)[8000:12000]
+    near = np.roll(far, lag_samples) + np.random.default_rng(4).normal(0.0, 30.0, len(far))
+    assert refine_delay(near, far, search_samples=48) == lag_samples
+
+
+def run_gate(near: np.ndarray, far: np.ndarray) -> ReferenceEchoGate:
+    gate = ReferenceEchoGate()
+    for near_frame, far_frame in zip(frames(near), frames(far)):
+        gate.accepts(near_frame, far_frame, bot_audible=True)
+    return gate
+
+
+def test_the_residual_echo_sits_far_under_the_echo_on_a_coloured_path(speech_clip):
     far = speech_clip("bot_answer_en.wav").astype(np.float64)
     near = simulate_echo(far, 93.0, 6.0, **NARROW_HYBRID) + line_noise(len(far), NOISE_RMS, np.random.default_rng(1))
-    gate = ReferenceEchoGate()
-    for near_frame, far_frame in zip(frames(to_int16(near)), frames(to_int16(far))):
-        gate.accepts(near_frame, far_frame, bot_audible=True)
-    band_gains_db = 10.0 * np.log10(gate.subbands.band_gains)
-    # Bands 1-2 (300-800 Hz) sit in the hybrid's pass band, band 0 (50-300 Hz) well below its 400 Hz edge.
+    gate = run_gate(to_int16(near), to_int16(far))
+    canceller = gate.canceller
     assert gate.echo_delay_ms == pytest.approx(93.0, abs=5.0)
-    assert band_gains_db[1:3].min() > band_gains_db[0] + 10.0
-    # In the pass band the echo comes back louder than the 6 dB broadband return loss.
-    assert band_gains_db[2:8].max() > -6.0
+    assert canceller.ready
+    # The sample delay: the path's own group delay adds a little to the 93 ms (744 samples).
+    assert 744 <= canceller.delay_samples <= 744 + 16
+    # A near-linear hybrid: what the per-bin filter leaves is at least 12 dB under the echo itself.
+    assert 10.0 * np.log10(canceller.residual_gain) < gate.echo_return_loss_db * -1.0 - 12.0
+
+
+def test_a_line_switched_to_a_far_louder_echo_starts_the_filter_afresh(speech_clip):
+    far = speech_clip("bot_answer_en.wav").astype(np.float64)
+    switch = len(far) // 2 // FRAME * FRAME
+    after_switch_frames = 100
+    echo = np.concatenate([simulate_echo(far, 93.0, 30.0)[:switch], simulate_echo(far, 93.0, 6.0)[switch:]])
+    near = echo + line_noise(len(far), NOISE_RMS, np.random.default_rng(5))
+    end = switch + after_switch_frames * FRAME
+    gate = run_gate(to_int16(near)[:end], to_int16(far)[:end])
+    assert gate.echo_return_loss_db == pytest.approx(6.0, abs=3.0)
+    # Learned only since the switch: the filter of the quiet line was dropped, not carried over.
+    assert 0 < gate.canceller.learned_frames < after_switch_frames
 
 
 @pytest.mark.parametrize(("delay_ms", "hybrid"), [(37.0, NARROW_HYBRID), (161.0, NARROW_HYBRID), (110.0, {})])
@@ -75,7 +101,7 @@ def test_echo_alone_hardly_passes_once_the_bands_are_measured_and_never_fires(sp
     gate = ReferenceEchoGate()
     passed_after_measuring = []
     for near_frame, far_frame in zip(frames(near), frames(far)):
-        measured = gate.subbands.excess_weights is not None
+        measured = gate.canceller.ready
         passed = gate.accepts(near_frame, far_frame, bot_audible=True)
         if measured:
             passed_after_measuring.append(passed)
@@ -85,15 +111,16 @@ def test_echo_alone_hardly_passes_once_the_bands_are_measured_and_never_fires(sp
     assert onset_frames(near, far) == []
 
 
+@pytest.mark.parametrize("under_echo_db", [3.0, 4.0])
 @pytest.mark.parametrize("caller_clip", ["caller_interrupt_en.wav", "caller_question_en.wav"])
-def test_a_caller_quieter_than_the_echo_fires_within_two_frames_of_the_floor(speech_clip, caller_clip):
+def test_a_caller_quieter_than_the_echo_fires_within_two_frames_of_the_floor(speech_clip, caller_clip, under_echo_db):
     bot = speech_clip("bot_answer_en.wav").astype(np.float64)
     echo = simulate_echo(bot, 110.0, 6.0)
     caller = speech_clip(caller_clip).astype(np.float64)
     caller_at = 3 * 8000
     caller_span = slice(caller_at, caller_at + len(caller))
-    # Scale the caller 3 dB under the echo it talks over: broadband energy alone cannot tell them apart.
-    caller *= rms(echo[caller_span]) / rms(caller) * 10.0 ** (-3.0 / 20.0)
+    # Scale the caller under the echo it talks over: broadband energy alone cannot tell them apart.
+    caller *= rms(echo[caller_span]) / rms(caller) * 10.0 ** (-under_echo_db / 20.0)
     near = echo + line_noise(len(bot), NOISE_RMS, np.random.default_rng(3))
     near[caller_span] += caller[: len(bot) - caller_at]
     onsets = onset_frames(to_int16(near), to_int16(bot))
