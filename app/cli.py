@@ -13,6 +13,7 @@ import uuid
 
 import trio
 
+from app.carriers.simulated_twilio import PHONE_LINES
 from app.logs import configure_logging
 from app.settings import Settings, SettingsError
 from app.whatsapp import cli as whatsapp_cli
@@ -26,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     simulate.add_argument("--fast", action="store_true", help="run in virtual time instead of real time")
     simulate.add_argument("--plot", metavar="PNG", help="draw the call's waveforms to this file (needs the plot extra)")
     simulate.add_argument("--verbose", action="store_true", help="also print the server's log lines")
+    simulate.add_argument(
+        "--line", action="append", choices=[*PHONE_LINES, "all"], metavar="LINE",
+        help=f"the caller's line: {', '.join(PHONE_LINES)} (default: echoing), or all; repeat to play several")
     migrate = commands.add_parser("migrate", help="apply the database migrations")
     mode = migrate.add_mutually_exclusive_group()
     mode.add_argument("--list", action="store_true", help="list migrations and whether they are applied")
@@ -44,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return _serve(settings)
     if args.command == "simulate":
-        return _simulate(settings, fast=args.fast, plot_path=args.plot)
+        lines = list(PHONE_LINES) if "all" in (args.line or []) else list(dict.fromkeys(args.line or ["echoing"]))
+        return _simulate(settings, fast=args.fast, plot_path=args.plot, line_names=lines)
     if args.command in ("business", "broadcast", "whatsapp-sandbox"):
         return whatsapp_cli.run(args, settings)
     from storage.commands import migrate_command
@@ -74,26 +79,41 @@ def _serve(settings: Settings) -> int:
     return 0
 
 
-def _simulate(settings: Settings, *, fast: bool, plot_path: str | None) -> int:
+def _simulate(settings: Settings, *, fast: bool, plot_path: str | None, line_names: list[str]) -> int:
     from app.simulate import plot_call, simulate_call
 
     if not settings.uses_local_model:
         print("callgate simulate always uses the built-in local model; OPENAI_API_KEY is ignored", file=sys.stderr)
     from trio.testing import MockClock  # it imports pytest: only for a simulation in virtual time
 
-    clock = MockClock(autojump_threshold=0) if fast else None
-    # A throwaway database: a simulated call must never land among real calls.
-    with tempfile.TemporaryDirectory(prefix="callgate-simulate-") as scratch:
-        simulation_settings = dataclasses.replace(
-            settings, openai_api_key="", database_url=f"sqlite:///{scratch}/simulated-calls.db")
-        report = trio.run(simulate_call, simulation_settings, "CA" + uuid.uuid4().hex, clock=clock)
-    for at_s, what in report.timeline.events:
-        print(f"{at_s:8.2f}s  {what}")
-    print(json.dumps(report.summary(), indent=2))
-    if plot_path:
-        plot_call(report, plot_path)
-        print(f"plot written to {plot_path}")
-    return 0 if report.talk_over_ms is not None and not report.greeting_cleared else 1
+    reports = []
+    for line_name in line_names:
+        clock = MockClock(autojump_threshold=0) if fast else None
+        # A throwaway database: a simulated call must never land among real calls.
+        with tempfile.TemporaryDirectory(prefix="callgate-simulate-") as scratch:
+            simulation_settings = dataclasses.replace(
+                settings, openai_api_key="", database_url=f"sqlite:///{scratch}/simulated-calls.db")
+            report = trio.run(simulate_call, simulation_settings, "CA" + uuid.uuid4().hex, PHONE_LINES[line_name],
+                              clock=clock)
+        if len(line_names) > 1:
+            print(f"--- line: {line_name}")
+        for at_s, what in report.timeline.events:
+            print(f"{at_s:8.2f}s  {what}")
+        print(json.dumps(report.summary(), indent=2))
+        if plot_path:
+            # One drawing per line: call.png becomes call-clean.png, call-hybrid.png, ...
+            path = plot_path if len(line_names) == 1 else _suffixed(plot_path, line_name)
+            plot_call(report, path)
+            print(f"plot written to {path}")
+        reports.append(report)
+    if len(reports) > 1:
+        print(json.dumps({"talk_over_ms_by_line": {report.line: report.talk_over_ms for report in reports}}, indent=2))
+    return 0 if all(report.talk_over_ms is not None and not report.greeting_cleared for report in reports) else 1
+
+
+def _suffixed(path: str, suffix: str) -> str:
+    stem, dot, extension = path.rpartition(".")
+    return f"{stem}-{suffix}.{extension}" if dot and "/" not in extension else f"{path}-{suffix}"
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 import trio
 
-from app.carriers.simulated_twilio import FRAME_S, PhoneTimeline, SimulatedPhone, run_phone_call
+from app.carriers.simulated_twilio import FRAME_S, PHONE_LINES, PhoneLine, PhoneTimeline, SimulatedPhone, run_phone_call
 from app.clips import load_clip
 from app.server import serve
 from app.settings import Settings
@@ -27,6 +27,7 @@ WAIT_LIMIT_S = 30.0
 
 @dataclass
 class SimulationReport:
+    line: str
     timeline: PhoneTimeline
     greeting_cleared: bool
     caller_speech_onset_s: float | None
@@ -36,6 +37,7 @@ class SimulationReport:
 
     def summary(self) -> dict:
         return {
+            "line": self.line,
             "greeting_kept_playing_while_caller_talked": not self.greeting_cleared,
             "barge_in_caller_onset_s": self.caller_speech_onset_s,
             "barge_in_clear_s": self.barge_in_clear_s,
@@ -66,7 +68,8 @@ async def _wait_for_quiet(phone: SimulatedPhone) -> None:
 class StandardCall:
     """The scripted caller of the main job; remembers when it started talking over the answer."""
 
-    def __init__(self) -> None:
+    def __init__(self, barge_in_after_s: float = ANSWER_BARGE_IN_AFTER_S) -> None:
+        self.barge_in_after_s = barge_in_after_s
         self.interrupt = load_clip("caller_interrupt_en.wav")
         self.question = load_clip("caller_question_en.wav")
         self.greeting_clears = 0
@@ -82,12 +85,13 @@ class StandardCall:
         await _wait_for_quiet(phone)
         self.greeting_clears = len(phone.timeline.clear_times_s)
         note(elapsed_s(), "greeting heard to the end")
+        phone.switch_to_speakerphone(elapsed_s())
         await trio.sleep(0.5)
         phone.say(self.question)
         note(elapsed_s(), "caller asks a question")
         await _wait_until(lambda: phone.bot_playing, "the answer")
         note(elapsed_s(), "caller hears the answer start")
-        await trio.sleep(ANSWER_BARGE_IN_AFTER_S)
+        await trio.sleep(self.barge_in_after_s)
         self.utterances_before_barge_in = len(phone.timeline.speech_onset_frames)
         phone.say(self.interrupt)
         note(elapsed_s(), "caller talks over the answer")
@@ -104,10 +108,10 @@ def measure(phone: SimulatedPhone, caller: StandardCall) -> SimulationReport:
     onset_frame = onsets[0] if caller.utterances_before_barge_in and onsets else None
     clears = [frame for frame in timeline.clear_frames if onset_frame is not None and frame >= onset_frame]
     if onset_frame is None or not clears:
-        return SimulationReport(timeline, caller.greeting_clears > 0, None, None, None, None)
+        return SimulationReport(phone.line.name, timeline, caller.greeting_clears > 0, None, None, None, None)
     heard_frames = sum(1 for frame in timeline.played[onset_frame:clears[0]] if np.any(frame))
     return SimulationReport(
-        timeline, caller.greeting_clears > 0, round(onset_frame * FRAME_S, 3), round(clears[0] * FRAME_S, 3),
+        phone.line.name, timeline, caller.greeting_clears > 0, round(onset_frame * FRAME_S, 3), round(clears[0] * FRAME_S, 3),
         heard_frames * 20, (clears[0] - onset_frame) * 20,
     )
 
@@ -126,11 +130,14 @@ class _DecisionLog(logging.Handler):
             self._timeline.note(trio.current_time() - self._started_at(), "server: " + message.split("] ", 1)[1])
 
 
-async def simulate_call(settings: Settings, call_sid: str = "CA" + "5" * 32) -> SimulationReport:
-    """Serve on a free loopback port, place the standard call, then shut everything down."""
+async def simulate_call(
+    settings: Settings, call_sid: str = "CA" + "5" * 32, line: PhoneLine = PHONE_LINES["echoing"],
+    caller: StandardCall | None = None,
+) -> SimulationReport:
+    """Serve on a free loopback port, place the standard call (or `caller`'s) on `line`, then shut everything down."""
     settings = dataclasses.replace(settings, host="127.0.0.1", port=0)
-    phone = SimulatedPhone()
-    caller = StandardCall()
+    phone = SimulatedPhone(line=line)
+    caller = caller or StandardCall()
     started_at = trio.current_time()
     handler = _DecisionLog(phone.timeline, lambda: started_at)
     callgate_logger = logging.getLogger("callgate")

@@ -7,7 +7,7 @@ import logging
 import pytest
 import trio
 
-from app.carriers.simulated_twilio import SimulatedPhone, run_phone_call
+from app.carriers.simulated_twilio import PHONE_LINES, SimulatedPhone, run_phone_call
 from app.server import serve
 from app.settings import Settings
 from app.simulate import StandardCall, measure, simulate_call
@@ -74,3 +74,31 @@ async def test_ten_concurrent_calls_in_one_server_do_not_disturb_each_other(sett
     assert all(not report.greeting_cleared for report in reports)
     assert all(report.talk_over_ms is not None and 120 <= report.talk_over_ms <= 240 for report in reports)
     assert all(len(report.timeline.clear_times_s) == 1 for report in reports)
+
+
+async def test_on_a_line_without_echo_a_barge_in_early_in_the_answer_silences_the_bot_at_once(
+        settings, autojump_clock, caplog):
+    caplog.set_level(logging.INFO, logger="callgate")
+    call_sid = "CA" + "8" * 32
+    report = await simulate_call(settings, call_sid, PHONE_LINES["clean"], StandardCall(barge_in_after_s=1.5))
+    assert report.line == "clean" and not report.greeting_cleared
+    # Silenced within 160 ms of the caller's first audible frame: the 120 ms onset and at most two frames more.
+    assert report.stop_after_onset_ms is not None and report.stop_after_onset_ms <= 160
+    assert len(report.timeline.clear_times_s) == 1
+    # One cancel: a second would draw the model's "no active response" error.
+    assert caplog.text.count("[BARGE_IN]") == 1 and "[MODEL_ERROR]" not in caplog.text
+    database = open_database(settings.database_url)
+    with database.bind_ctx([Call, TranscriptTurn]):
+        call = Call.get(Call.call_sid == call_sid)
+        answer = list(TranscriptTurn.select().where(TranscriptTurn.call == call).order_by(TranscriptTurn.id))[1]
+        # The model's memory is cut to what the caller heard: about the 1.5 s before the barge-in.
+        assert answer.truncated and 1_400 <= answer.heard_ms <= 1_900
+    database.close()
+
+
+@pytest.mark.parametrize("line", ["hybrid", "speakerphone"])
+async def test_every_simulated_line_keeps_the_greeting_and_stops_the_answer_at_once(settings, autojump_clock, line):
+    report = await simulate_call(settings, line=PHONE_LINES[line])
+    assert not report.greeting_cleared
+    assert report.talk_over_ms is not None and 120 <= report.talk_over_ms <= 240
+    assert len(report.timeline.clear_times_s) == 1

@@ -2,7 +2,8 @@
 
 `SimulatedPhone` is the phone line with no I/O: it plays what the server sends in real time,
 returns marks once the audio before them has been played (at once, as flushed, on `clear`), and
-makes the microphone signal: the caller's voice plus the bot's own voice echoed back.
+makes the microphone signal: the caller's voice plus the bot's own voice echoed back as its
+`PhoneLine` returns it (not at all on a clean 4-wire leg; louder once a speakerphone is switched on).
 `run_phone_call` drives it over real sockets, one 20 ms tick at a time.
 """
 
@@ -28,6 +29,32 @@ FRAME_S = 0.02
 CALLER_VOICE_RMS = 100.0  # clearly above the line noise: where the caller is first audibly talking
 
 
+@dataclass(frozen=True)
+class PhoneLine:
+    """How the caller's line echoes the bot: `echo_return_loss_db` None means no echo at all.
+
+    `speakerphone_return_loss_db`, when set, is the echo once the caller switches the speakerphone on,
+    which `SimulatedPhone.switch_to_speakerphone` does.
+    """
+
+    name: str
+    echo_delay_ms: int
+    echo_return_loss_db: float | None
+    speakerphone_return_loss_db: float | None = None
+
+
+PHONE_LINES = {
+    line.name: line for line in (
+        PhoneLine("echoing", echo_delay_ms=60, echo_return_loss_db=12.0),
+        PhoneLine("clean", echo_delay_ms=60, echo_return_loss_db=None),
+        PhoneLine("hybrid", echo_delay_ms=180, echo_return_loss_db=18.0),
+        PhoneLine("speakerphone", echo_delay_ms=60, echo_return_loss_db=30.0, speakerphone_return_loss_db=6.0),
+    )
+}
+"""The lines `callgate simulate --line` plays: an echoing handset (the default), a clean 4-wire leg,
+a long-haul PSTN hybrid, and a quiet handset switched to speakerphone after the greeting."""
+
+
 @dataclass
 class PhoneTimeline:
     """Everything the caller's side saw and did, for the timeline, the plot and the tests."""
@@ -44,17 +71,21 @@ class PhoneTimeline:
         self.events.append((round(at_s, 3), what))
 
 
+def _echo_gain(return_loss_db: float | None) -> float:
+    return 0.0 if return_loss_db is None else 10 ** (-return_loss_db / 20)
+
+
 class SimulatedPhone:
     """The caller's handset and line, advanced one 20 ms frame at a time."""
 
-    def __init__(self, *, echo_delay_ms: int = 60, echo_return_loss_db: float = 12.0, noise_rms: float = 20.0,
-                 seed: int = 7) -> None:
+    def __init__(self, *, line: PhoneLine = PHONE_LINES["echoing"], noise_rms: float = 20.0, seed: int = 7) -> None:
         self._speaker: list[bytes | str] = []  # audio chunks and mark names, in the order received
         self._speaker_offset = 0
         self._speech = np.zeros(0, dtype=np.int16)
         self._awaiting_speech_onset = False
-        self._echo_gain = 10 ** (-echo_return_loss_db / 20)
-        self._echo_history = np.zeros(echo_delay_ms * 8 + FRAME_SAMPLES, dtype=np.float64)
+        self.line = line
+        self._echo_gain = _echo_gain(line.echo_return_loss_db)
+        self._echo_history = np.zeros(line.echo_delay_ms * 8 + FRAME_SAMPLES, dtype=np.float64)
         self._noise_rms = noise_rms
         self._random = np.random.default_rng(seed)
         self.timeline = PhoneTimeline()
@@ -66,6 +97,12 @@ class SimulatedPhone:
     @property
     def caller_talking(self) -> bool:
         return len(self._speech) > 0
+
+    def switch_to_speakerphone(self, now_s: float) -> None:
+        """The caller turns the speakerphone on, if the line has one: the bot's echo gets louder from now."""
+        if self.line.speakerphone_return_loss_db is not None:
+            self._echo_gain = _echo_gain(self.line.speakerphone_return_loss_db)
+            self.timeline.note(now_s, f"caller switches to speakerphone (echo {self.line.speakerphone_return_loss_db:g} dB down)")
 
     def say(self, pcm: np.ndarray) -> None:
         """The caller starts speaking `pcm` from the next frame on."""
