@@ -96,10 +96,12 @@ class SpectralEchoCanceller:
         measurements_held: int = 3,
         warmup_frames: int = 25,
         lead_samples: int = 3,
+        fit_db: float = 10.0,
     ) -> None:
         self.band_margin = 10.0 ** (band_margin_db / 10.0)
         self.residual_margin = 10.0 ** (residual_margin_db / 10.0)
         self.min_caller_bands = min_caller_bands
+        self.fit_ratio = 10.0 ** (fit_db / 10.0)
         self.quantization_fraction = 10.0 ** (-quantization_loss_db / 10.0)
         self.min_active_frames = min_active_frames
         self.smoothing = smoothing
@@ -221,6 +223,11 @@ class SpectralEchoCanceller:
             return True
         excess = residual_bands > self.band_margin * (self.band_gains * far_bands + noise_band_power)
         return int(np.count_nonzero(excess)) >= self.min_caller_bands
+
+    def cancels_most(self) -> bool:
+        """True when the filter removes most of the frame just observed (by `fit_db`): its delay fits the line."""
+        near_bands, residual_bands, _ = self._frame_bands()
+        return float(residual_bands.sum()) * self.fit_ratio < float(near_bands.sum())
 
     def learn(self) -> None:
         """The frame just observed was echo only: fold its spectra into the per-bin echo filter.

@@ -153,6 +153,8 @@ class ReferenceEchoGate(_EnergyGate):
         suspect_fraction: float = 0.6,
         edge_db: float = 6.0,
         shortest_window_ms: float = 300.0,
+        confirm_frames: int = 3,
+        quiet_line_db: float = -30.0,
     ) -> None:
         self.min_energy = min_rms**2
         self.max_delay_blocks = int(round(max_delay_ms / BLOCK_MS))
@@ -179,6 +181,9 @@ class ReferenceEchoGate(_EnergyGate):
         self.blocks_since_far_audio = history_blocks
         self.blocks_since_far_start = 0
         self.shortest_window_blocks = int(round(shortest_window_ms / BLOCK_MS))
+        self.confirm_frames = confirm_frames
+        self.quiet_line_gain = 10.0 ** (quiet_line_db / 10.0)
+        self.fitting_frames = 0
         self.double_talk_frames = double_talk_fraction * self.window_frames
         self.suspect_frames = suspect_fraction * self.window_frames
         self.edge_ratio = 10.0 ** (edge_db / 10.0)
@@ -206,11 +211,12 @@ class ReferenceEchoGate(_EnergyGate):
             self._count(False)
             return near_energy > self.noise_margin * noise_energy
         far_by_delay = self._far_frame_energies(self.delay_steps)[::-1]
-        if self.path is None:
-            # The bound stands in for a measured path only: once one is adopted it is never consulted again.
-            self.bound.learn(near_energy, noise_energy, far_by_delay)
         accepted = self._accepts(near_and_far[0], near_energy, noise_energy, far_by_delay)
         self._count(accepted)
+        if self.path is None and not accepted:
+            # The bound stands in for a measured path only: once one is adopted it is never consulted again.
+            # The caller's voice is no evidence of echo.
+            self.bound.learn(near_energy, noise_energy, far_by_delay)
         if self.accepted_count > self.suspect_frames and self.canceller.ready:
             # Most of a second taken for the caller: more likely the line changed than a caller this long.
             self.canceller.suspend()
@@ -225,6 +231,13 @@ class ReferenceEchoGate(_EnergyGate):
         path = self.path
         if path is None:
             return near_energy > self.margin * (self.bound.predicted_echo(far_by_delay) + noise_energy)
+        canceller = self.canceller
+        if not path.confirmed and canceller.ready:
+            # The filter still removing most of each frame at the old delay: the delay has not moved.
+            canceller.observe(near)
+            self.fitting_frames = self.fitting_frames + 1 if canceller.cancels_most() else 0
+            if self.fitting_frames >= self.confirm_frames:
+                path = self.path = dataclasses.replace(path, confirmed=True)
         spread = self.spread_blocks if path.confirmed else self.jitter_blocks
         shortest = max(0, path.delay_blocks - spread)
         broadband_echo = path.gain * float(far_by_delay[shortest:path.delay_blocks + spread + 1].max())
@@ -233,7 +246,6 @@ class ReferenceEchoGate(_EnergyGate):
         # Far above the echo broadband, the residual needs no look; the spectral test is the costly one.
         if near_energy > self.clear_margin * broadband_echo:
             return True
-        canceller = self.canceller
         canceller.observe(near)
         # A frame echoing the far end's start or end of a word is cancelled poorly: judge it broadband.
         delay = path.delay_blocks
@@ -266,6 +278,9 @@ class ReferenceEchoGate(_EnergyGate):
                 self.blocks_since_far_start = 0
                 if self.path is not None:
                     self.path = dataclasses.replace(self.path, confirmed=False)
+                    self.fitting_frames = 0
+                    # Confirm the delay as soon as there is enough of the new talkspurt to place it.
+                    self.frames_until_estimate = self.shortest_window_blocks // BLOCKS_PER_FRAME
             self.blocks_since_far_audio = 0
         else:
             self.blocks_since_far_audio += BLOCKS_PER_FRAME
@@ -273,7 +288,9 @@ class ReferenceEchoGate(_EnergyGate):
         self.frames_until_estimate -= 1
         if self.frames_until_estimate <= 0:
             # Until a path is adopted and confirmed, estimate often: the gate is at its bluntest then.
-            settled = self.path is not None and self.path.confirmed
+            # A line the bound has shown to be quiet at every delay has no path to find meanwhile.
+            path = self.path
+            settled = path.confirmed if path is not None else self.bound.loudest_gain < self.quiet_line_gain
             self.frames_until_estimate = self.estimate_every_frames if settled else self.search_every_frames
             if self.blocks_since_far_audio < self.window_blocks and self.blocks_since_far_start >= self.shortest_window_blocks:
                 self._estimate()
@@ -293,16 +310,22 @@ class ReferenceEchoGate(_EnergyGate):
             return
         delay_blocks, estimated_gain = estimate
         path = self.path
+        if estimated_gain > 1.0:
+            # Louder than the far end: the caller, not echo.
+            self.last_estimate = None
+            return
         near_known_delay = path is not None and abs(delay_blocks - path.delay_blocks) <= self.jitter_blocks
-        if self.accepted_count > self.double_talk_frames:
+        agrees_with_previous = previous is not None and abs(delay_blocks - previous[0]) <= self.spread_blocks
+        if path is not None and self.accepted_count > self.double_talk_frames:
             # Much of the window passed as the caller: a louder echo near the delay we know (a speakerphone
-            # switched on) is believed at once, over all the delays it may be at; nothing else is.
+            # switched on) is believed at once, over all the delays it may be at; nothing else is. With no
+            # path yet, what passes may be echo the bound did not expect, so an echo placed twice still counts.
             if near_known_delay and estimated_gain > 2 * path.gain:
                 self._adopt(EchoPath(path.delay_blocks, estimated_gain, confirmed=False))
             return
         if near_known_delay and not path.confirmed:
             self._adopt(EchoPath(delay_blocks, max(estimated_gain, path.gain)))
-        elif previous is not None and abs(delay_blocks - previous[0]) <= self.spread_blocks:
+        elif agrees_with_previous:
             # A new delay only when two estimates in a row agree on it, with the louder echo of the two.
             self._adopt(EchoPath(delay_blocks, max(estimated_gain, previous[1])))
 

@@ -13,6 +13,9 @@ from dsp.vad import FrameVad, VoiceOnset
 
 INBOUND_FRAME_BYTES = 160
 """One 20 ms frame of 8 kHz mu-law, as the carrier sends it."""
+MASKED_FRAMES_BRIDGED = 1
+"""A voiced frame the gate cannot tell from echo, inside the caller's run (a stop consonant under a loud
+syllable of the bot), does not restart the onset's count; one per run, so echo cannot string one together."""
 CALLER_HANGOVER_FRAMES = 10
 """After a voiced frame the gate took for the caller, voiced frames within 200 ms are the caller's too."""
 
@@ -39,7 +42,9 @@ class InboundFrameAnalyzer:
     ) -> None:
         self.gate = make_echo_gate(gate_mode, min_rms)
         self.vad = FrameVad(vad_aggressiveness, sample_rate_hz=8000)
-        self.voice_onset = VoiceOnset(voice_frames=voice_frames, debounce_ms=debounce_ms)
+        # The seed's rms rule keeps the seed's strictly consecutive onset.
+        bridged = MASKED_FRAMES_BRIDGED if gate_mode == "reference" else 0
+        self.voice_onset = VoiceOnset(voice_frames=voice_frames, debounce_ms=debounce_ms, masked_frames_bridged=bridged)
         # Reused every frame: the near and far frames as float rows, converted by assignment.
         self.near_and_far = np.zeros((2, INBOUND_FRAME_BYTES))
         self.frames_since_caller_voice = CALLER_HANGOVER_FRAMES + 1
@@ -59,7 +64,7 @@ class InboundFrameAnalyzer:
         energies = block_energies(self.near_and_far)
         passes_gate = self.gate.accepts_frames(self.near_and_far, energies, bot_audible)
         voiced = self.vad.is_voiced(pcm)
-        onset = self.voice_onset.update(voiced and passes_gate, now_ms)
+        onset = self.voice_onset.update(voiced and passes_gate, now_ms, masked=voiced and not passes_gate)
         self.frames_since_caller_voice = 0 if voiced and passes_gate else self.frames_since_caller_voice + 1
         caller_audio = passes_gate or (voiced and self.frames_since_caller_voice <= CALLER_HANGOVER_FRAMES)
         return FrameAnalysis(

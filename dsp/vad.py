@@ -34,26 +34,33 @@ class FrameVad:
 class VoiceOnset:
     """Fires once per run of `voice_frames` consecutive qualifying frames, then rests for `debounce_ms`.
 
-    Frames seen while resting do not count: after the rest a fresh run is needed.
+    Up to `masked_frames_bridged` masked frames inside a run (voice the echo gate could not tell
+    from echo) are passed over: they neither count nor break the run. Frames seen while resting do
+    not count: after the rest a fresh run is needed.
     """
 
-    def __init__(self, voice_frames: int = 6, debounce_ms: float = 350) -> None:
+    def __init__(self, voice_frames: int = 6, debounce_ms: float = 350, masked_frames_bridged: int = 0) -> None:
         if voice_frames < 1:
             raise ValueError(f"voice_frames must be at least 1, got {voice_frames!r}")
         self.voice_frames = voice_frames
         self.debounce_ms = debounce_ms
+        self.masked_frames_bridged = masked_frames_bridged
         self.run_frames = 0
+        self.run_masked_frames = 0
         self.last_onset_ms: float | None = None
 
-    def update(self, voiced: bool, now_ms: float) -> bool:
+    def update(self, voiced: bool, now_ms: float, masked: bool = False) -> bool:
         """Feed one frame's verdict; True exactly on the frame that completes a run."""
         resting = self.last_onset_ms is not None and now_ms - self.last_onset_ms < self.debounce_ms
+        if not resting and not voiced and masked and self.run_frames and self.run_masked_frames < self.masked_frames_bridged:
+            self.run_masked_frames += 1
+            return False
         if resting or not voiced:
-            self.run_frames = 0
+            self.run_frames = self.run_masked_frames = 0
             return False
         self.run_frames += 1
         if self.run_frames < self.voice_frames:
             return False
-        self.run_frames = 0
+        self.run_frames = self.run_masked_frames = 0
         self.last_onset_ms = now_ms
         return True

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+from app.clips import load_wav
 from dsp.echo import ReferenceEchoGate, RmsEchoGate, make_echo_gate
+from dsp.echo_bound import EchoBound
 from dsp.echo_path import active_speech_rms, line_noise, simulate_echo, to_int16
 from dsp.g711 import ulaw_decode, ulaw_encode
 from dsp.inbound import FrameAnalysis, InboundFrameAnalyzer
 
 FRAME = 160
 NOISE_RMS = 30.0
+VOICES = Path(__file__).resolve().parent.parent / "scripts" / "voices"
 NARROW_HYBRID = {"hybrid_band_hz": (400.0, 2800.0), "hybrid_order": 4}
 
 
@@ -207,3 +212,143 @@ def test_the_model_hears_the_quiet_syllables_of_a_caller_talking_over_loud_echo(
     heard = sum(analysis.caller_audio for analysis in caller_frames)
     # The gate alone drops the syllables the echo hides; the hangover after the caller's frames keeps them.
     assert heard >= 0.8 * len(caller_frames) and heard > gate_passed
+
+
+def test_a_long_caller_over_the_bot_on_a_clean_line_is_no_evidence_of_echo(speech_clip):
+    bot = speech_clip("bot_answer_en.wav").astype(np.float64)
+    caller = speech_clip("caller_question_en.wav").astype(np.float64)
+    caller *= active_speech_rms(bot) / active_speech_rms(caller)
+    near = line_noise(len(bot), NOISE_RMS, np.random.default_rng(11))
+    start = 2 * 8000
+    for repeat in range(3):
+        at = start + repeat * len(caller)
+        near[at:at + len(caller)] += caller[: len(near) - at]
+    gate = ReferenceEchoGate()
+    for near_frame, far_frame in zip(frames(to_int16(near)), frames(to_int16(bot))):
+        gate.accepts(near_frame, far_frame, bot_audible=True)
+    # Seconds of the caller's voice while the bot spoke: neither an echo path nor a raised bound came of it.
+    assert gate.echo_delay_ms is None
+    assert gate.bound.gain_db.max() < -25.0
+
+
+def greeting_then_answer(speech_clip, greeting_delay_ms: float, answer_delay_ms: float, erl_db: float, seed: int):
+    greeting = speech_clip("bot_greeting_en.wav").astype(np.float64)
+    answer = speech_clip("bot_answer_en.wav").astype(np.float64)
+    gap = np.zeros(8000)
+    answer_at = len(greeting) + len(gap)
+    far = np.concatenate([greeting, gap, answer])
+    played_greeting = np.concatenate([greeting, np.zeros(len(far) - len(greeting))])
+    played_answer = np.concatenate([np.zeros(answer_at), answer])
+    near = (simulate_echo(played_greeting, greeting_delay_ms, erl_db) + simulate_echo(played_answer, answer_delay_ms, erl_db)
+            + line_noise(len(far), NOISE_RMS, np.random.default_rng(seed)))
+    return to_int16(near), to_int16(far), answer_at // FRAME
+
+
+def frames_until_confirmed(near: np.ndarray, far: np.ndarray, answer_frame: int) -> tuple[int | None, ReferenceEchoGate]:
+    gate = ReferenceEchoGate()
+    for index, (near_frame, far_frame) in enumerate(zip(frames(near), frames(far))):
+        gate.accepts(near_frame, far_frame, bot_audible=True)
+        if index > answer_frame and gate.path is not None and gate.path.confirmed:
+            return index - answer_frame, gate
+    return None, gate
+
+
+def test_an_echo_delay_that_did_not_move_is_confirmed_within_a_few_frames_of_the_next_response(speech_clip):
+    near, far, answer_frame = greeting_then_answer(speech_clip, 120.0, 120.0, 10.0, seed=12)
+    frames_taken, gate = frames_until_confirmed(near, far, answer_frame)
+    # The filter still cancels at the old delay: no need to wait 300 ms for an estimate.
+    assert frames_taken is not None and frames_taken <= 6 + 120 // 20
+    assert gate.echo_delay_ms == pytest.approx(120.0, abs=5.0)
+
+
+def test_an_echo_delay_moved_by_jitter_is_placed_again_as_soon_as_the_response_allows(speech_clip):
+    near, far, answer_frame = greeting_then_answer(speech_clip, 120.0, 155.0, 10.0, seed=13)
+    frames_taken, gate = frames_until_confirmed(near, far, answer_frame)
+    # The first estimate needs 300 ms of the response past the echo's delay; two more chances after it.
+    assert frames_taken is not None and frames_taken <= (300 + 155) // 20 + 10
+    assert gate.echo_delay_ms == pytest.approx(155.0, abs=5.0)
+
+
+def test_a_stop_consonant_under_loud_echo_does_not_restart_the_onset(speech_clip):
+    # "Rega, rega": two 200 ms words, each with a stop that a loud syllable of the bot can hide.
+    caller = load_wav(VOICES / "caller_wait_he_m.wav").astype(np.float64)
+    near, far, answer_frame = greeting_then_answer(speech_clip, 150.0, 150.0, 10.0, seed=14)
+    bot_level = active_speech_rms(speech_clip("bot_answer_en.wav").astype(np.float64))
+    caller *= bot_level / active_speech_rms(caller) * 10.0 ** (-6.0 / 20.0)
+    barge_in = (answer_frame + 75) * FRAME
+    line = near.astype(np.float64)
+    line[barge_in:barge_in + len(caller)] += caller
+    onsets = [20.0 * index for index, analysis in enumerate(run_call(to_int16(line), far, bot_audible=True)) if analysis.onset]
+    barge_in_ms = 1000.0 * barge_in / 8000
+    assert onsets and onsets[0] > barge_in_ms
+    # Within the first word (the next one starts 430 ms in).
+    assert onsets[0] - barge_in_ms <= 260.0
+
+
+def test_the_learned_bound_covers_every_frame_of_a_coloured_echo(speech_clip):
+    # Until a path is measured the bound alone stands between the bot's echo and a barge-in.
+    far = speech_clip("bot_answer_en.wav").astype(np.float64)
+    near = simulate_echo(far, 100.0, 20.0, **NARROW_HYBRID) + line_noise(len(far), NOISE_RMS, np.random.default_rng(15))
+    bound = EchoBound(delay_count=61)
+    noise_energy = NOISE_RMS**2
+    covered = []
+    for start in range(61 * 40, len(far) - FRAME, FRAME):
+        far_by_delay = np.array([np.mean(far[start - 40 * step:start - 40 * step + FRAME] ** 2) for step in range(61)])
+        near_energy = float(np.mean(near[start:start + FRAME] ** 2))
+        if start >= 8000 and near_energy > 4 * noise_energy:
+            covered.append(near_energy <= 10 ** 0.25 * (bound.predicted_echo(far_by_delay) + noise_energy))
+        bound.learn(near_energy, noise_energy, far_by_delay)
+    assert len(covered) > 200
+    assert np.mean(covered) >= 0.99
+    # And it is far under the worst case: a caller 10 dB under the bot is heard over it.
+    assert bound.gain_db.max() < -6.0 - 6.0
+
+
+def test_loud_echo_on_a_line_that_had_none_costs_at_most_one_early_onset(speech_clip):
+    # A clean greeting teaches "no echo"; then the caller's phone starts echoing the answer at 6 dB.
+    near, far, answer_frame = greeting_then_answer(speech_clip, 100.0, 100.0, 6.0, seed=16)
+    greeting_frames = len(speech_clip("bot_greeting_en.wav")) // FRAME
+    line = near.astype(np.float64)
+    clean = line_noise(greeting_frames * FRAME, NOISE_RMS, np.random.default_rng(16))
+    line[: len(clean)] = clean
+    analyses = run_call(to_int16(line), far, bot_audible=True)
+    onsets = [index for index, analysis in enumerate(analyses) if analysis.onset]
+    # The bound was right to say "no echo" then; the echo passing for the caller is placed twice at one
+    # delay and adopted, though much of the window passed: one early onset at most, none after 2 s.
+    assert len(onsets) <= 1 and all(index < answer_frame + 100 for index in onsets)
+
+
+def test_the_rms_mode_keeps_the_seeds_strictly_consecutive_onset():
+    assert InboundFrameAnalyzer("rms", 200.0, 2, 6, 350).voice_onset.masked_frames_bridged == 0
+    assert InboundFrameAnalyzer("reference", 200.0, 2, 6, 350).voice_onset.masked_frames_bridged == 1
+
+
+def test_a_caller_echoing_the_bots_words_on_a_clean_line_is_not_taken_for_an_echo_path(speech_clip):
+    # Someone near the caller repeats a second of what the bot says: correlated with the far end at one
+    # delay, but far louder than this line has shown it echoes there.
+    far = speech_clip("bot_answer_en.wav").astype(np.float64)
+    near = line_noise(len(far), NOISE_RMS, np.random.default_rng(17))
+    start, delay = 4 * 8000, 1200
+    near[start:start + 6000] += 0.7 * far[start - delay:start - delay + 6000]
+    gate = ReferenceEchoGate()
+    for near_frame, far_frame in zip(frames(to_int16(near)), frames(to_int16(far))):
+        gate.accepts(near_frame, far_frame, bot_audible=True)
+    assert gate.echo_delay_ms is None
+
+
+def test_seconds_of_double_talk_on_an_echoing_line_leave_its_echo_path_alone(speech_clip):
+    bot = speech_clip("bot_answer_en.wav").astype(np.float64)
+    caller = speech_clip("caller_question_en.wav").astype(np.float64)
+    caller *= active_speech_rms(bot) / active_speech_rms(caller) * 2.0
+    near = simulate_echo(bot, 120.0, 10.0) + line_noise(len(bot), NOISE_RMS, np.random.default_rng(18))
+    start = 4 * 8000
+    near[start:start + len(caller)] += caller[: len(near) - start]
+    gate = ReferenceEchoGate()
+    paths = []
+    for index, (near_frame, far_frame) in enumerate(zip(frames(to_int16(near)), frames(to_int16(bot)))):
+        gate.accepts(near_frame, far_frame, bot_audible=True)
+        if start // FRAME <= index < (start + len(caller)) // FRAME:
+            paths.append(gate.path)
+    # Whatever the caller's voice correlates with, the delay and the echo's level stay what the line showed.
+    assert all(path is not None and abs(path.delay_blocks * 5.0 - 120.0) <= 10.0 for path in paths)
+    assert all(abs(10.0 * np.log10(path.gain) + 10.0) <= 3.0 for path in paths)

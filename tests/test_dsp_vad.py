@@ -78,3 +78,24 @@ def test_rearms_exactly_when_the_debounce_has_passed():
 def test_voice_frames_must_be_positive():
     with pytest.raises(ValueError, match="voice_frames"):
         VoiceOnset(voice_frames=0)
+
+
+def feed_masked(onset: VoiceOnset, verdicts: str) -> list[float]:
+    """Like `feed`, with 'm' for a voiced frame the echo gate could not tell from echo."""
+    return [20.0 * index for index, verdict in enumerate(verdicts)
+            if onset.update(verdict == "v", 20.0 * index, masked=verdict == "m")]
+
+
+def test_one_masked_frame_inside_a_run_is_passed_over_but_not_counted():
+    assert feed_masked(VoiceOnset(6, 350, masked_frames_bridged=1), "vvvvvmv") == [120.0]
+    assert feed_masked(VoiceOnset(6, 350, masked_frames_bridged=1), "vvmvvvv") == [120.0]
+    # The seed's rule: without bridging a masked frame restarts the count like any other.
+    assert feed_masked(VoiceOnset(6, 350), "vvvvvmv") == []
+
+
+def test_bridging_never_strings_echo_together():
+    # A second masked frame in the same run, a masked frame before any voice, or an unvoiced one: the count restarts.
+    assert feed_masked(VoiceOnset(6, 350, masked_frames_bridged=1), "vvvmvvmvv") == []
+    assert feed_masked(VoiceOnset(6, 350, masked_frames_bridged=1), "mvvvvv") == []
+    assert feed_masked(VoiceOnset(6, 350, masked_frames_bridged=1), "vvvvv.v") == []
+    assert feed_masked(VoiceOnset(6, 350, masked_frames_bridged=1), "vvvmvvmvvvvvv") == [240.0]
