@@ -1,8 +1,10 @@
 """Microseconds per 20 ms frame of the whole inbound DSP path, for each echo gate mode; prints JSON.
 
-The input is real speech with echo: the bot's long answer echoed back at 10 dB return loss and
-110 ms, line noise, and the caller talking over it. The modes take turns within each repeat so
-that a busy shared machine slows them alike; medians over the repeats are reported.
+The input is real speech on two lines: one echoing the bot's long answer back at 10 dB return
+loss and 110 ms (the spectral canceller at work), one without echo (the learned bound at work);
+both carry line noise and the caller talking over the bot. The modes and lines take turns within
+each repeat so that a busy shared machine slows them alike; medians over the repeats are
+reported, per line and the worst of them.
 """
 
 from __future__ import annotations
@@ -25,13 +27,19 @@ FRAME_SAMPLES = 160
 CALLER_START_S = 3.0
 
 
-def call_frames() -> tuple[list[bytes], list[np.ndarray], list[bool]]:
+LINES = {"echo_10db": 10.0, "no_echo": None}
+"""Each line's echo return loss (None: no echo at all)."""
+
+
+def call_frames(echo_return_loss_db: float | None = 10.0) -> tuple[list[bytes], list[np.ndarray], list[bool]]:
     """Inbound mu-law payloads, the far-end frames played meanwhile, and whether the bot was audible."""
     bot = load_clip("bot_answer_en.wav").astype(np.float64)
     caller = load_clip("caller_interrupt_en.wav").astype(np.float64)
     far = np.concatenate([bot, np.zeros(8000)])
     far = far[: len(far) // FRAME_SAMPLES * FRAME_SAMPLES]
-    near = simulate_echo(far, 110.0, 10.0) + line_noise(len(far), 30.0, np.random.default_rng(0))
+    near = line_noise(len(far), 30.0, np.random.default_rng(0))
+    if echo_return_loss_db is not None:
+        near += simulate_echo(far, 110.0, echo_return_loss_db)
     start = int(CALLER_START_S * 8000)
     near[start:start + len(caller)] += caller
     frame_count = len(far) // FRAME_SAMPLES
@@ -55,19 +63,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
     arguments = parser.parse_args()
-    payloads, far_frames, audible = call_frames()
-    for mode in GATE_MODES:
-        time_one_pass(mode, payloads, far_frames, audible)
-    timings: dict[str, list[float]] = {mode: [] for mode in GATE_MODES}
+    calls = {line: call_frames(loss) for line, loss in LINES.items()}
+    cases = [(line, mode) for line in LINES for mode in GATE_MODES]
+    for line, mode in cases:
+        time_one_pass(mode, *calls[line])
+    timings: dict[tuple[str, str], list[float]] = {case: [] for case in cases}
     for _ in range(arguments.repeats):
-        for mode in GATE_MODES:
-            timings[mode].append(time_one_pass(mode, payloads, far_frames, audible))
-    medians = {mode: statistics.median(values) for mode, values in timings.items()}
+        for line, mode in cases:
+            timings[line, mode].append(time_one_pass(mode, *calls[line]))
+    medians = {case: statistics.median(values) for case, values in timings.items()}
+    worst = {mode: max(medians[line, mode] for line in LINES) for mode in GATE_MODES}
     report = {
-        "us_per_frame_median": {mode: round(value, 1) for mode, value in medians.items()},
-        "us_per_frame_min": {mode: round(min(values), 1) for mode, values in timings.items()},
-        "reference_over_rms": round(medians["reference"] / medians["rms"], 2),
-        "frames_per_pass": len(payloads),
+        "us_per_frame_median": {line: {mode: round(medians[line, mode], 1) for mode in GATE_MODES} for line in LINES},
+        "us_per_frame_min": {line: {mode: round(min(timings[line, mode]), 1) for mode in GATE_MODES} for line in LINES},
+        "us_per_frame_worst_line_median": {mode: round(value, 1) for mode, value in worst.items()},
+        "reference_over_rms_worst_line": round(worst["reference"] / worst["rms"], 2),
+        "frames_per_pass": len(calls["echo_10db"][0]),
         "repeats": arguments.repeats,
         "path": "InboundFrameAnalyzer.analyze: mu-law decode, block energies, echo gate, webrtcvad, onset",
         "python": platform.python_version(),
