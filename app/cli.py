@@ -7,6 +7,7 @@ import dataclasses
 import gc
 import json
 import logging
+import pathlib
 import sys
 import tempfile
 import uuid
@@ -112,8 +113,8 @@ def _simulate(settings: Settings, *, fast: bool, plot_path: str | None, line_nam
 
 
 def _suffixed(path: str, suffix: str) -> str:
-    stem, dot, extension = path.rpartition(".")
-    return f"{stem}-{suffix}.{extension}" if dot and "/" not in extension else f"{path}-{suffix}"
+    plot = pathlib.Path(path)
+    return str(plot.with_name(f"{plot.stem}-{suffix}{plot.suffix}"))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ MAX_BIN_GAIN = 2.0
 WHITE_NOISE_BIN_POWER = float(np.dot(_WINDOW, _WINDOW))
 """Expected power in one bin of white noise of unit mean square: the window's energy."""
 WHITE_NOISE_BAND_POWER = WHITE_NOISE_BIN_POWER * BAND_BINS
-WHITE_NOISE_POWER = WHITE_NOISE_BAND_POWER * BAND_COUNT
 
 
 def real_spectra(frames: np.ndarray, axis: int, out: np.ndarray | None = None) -> np.ndarray:
@@ -53,12 +52,6 @@ def real_spectra(frames: np.ndarray, axis: int, out: np.ndarray | None = None) -
 def band_sums(bin_powers: np.ndarray) -> np.ndarray:
     """Sums of bins 1-80 in 16 bands of 5, along the last axis."""
     return np.add.reduceat(bin_powers, _BAND_FIRST_BINS, axis=-1)
-
-
-def band_powers(windowed_frames: np.ndarray) -> np.ndarray:
-    """Power in each band of each row of `windowed_frames` (rows of 160 samples, already Hann-windowed)."""
-    spectra = real_spectra(windowed_frames, 1)
-    return band_sums(spectra.real**2 + spectra.imag**2)
 
 
 def refine_delay(near: np.ndarray, far: np.ndarray, search_samples: int) -> int:
@@ -117,9 +110,11 @@ class SpectralEchoCanceller:
         self.observed = np.zeros((2, BIN_COUNT), dtype=np.complex128)
         self.near_residual_far = np.zeros((3, BIN_COUNT), dtype=np.complex128)
         self.near_residual_far_powers = np.zeros((3, BIN_COUNT))
-        # Band powers of near, residual and far for the last `measured_frames` learned frames, a ring.
+        # Band powers of near, residual and far for the last `measured_frames` learned frames, a ring:
+        # rows [0, filled) hold frames, the next goes to row `next`.
         self.learned_bands = np.zeros((measured_frames, 3, BAND_COUNT))
         self.learned_bands_filled = 0
+        self.learned_bands_next = 0
         self.delay_samples: int | None = None
         self.coarse_delay_samples: int | None = None
         # Row 0: the smoothed near-far cross-spectrum; row 1: the far end's smoothed power.
@@ -201,13 +196,14 @@ class SpectralEchoCanceller:
         start = self.samples.end - self.delay_samples - FRAME_SAMPLES
         np.multiply(self.samples.values[1, start:start + FRAME_SAMPLES], _WINDOW, out=windowed[1])
         self._spectra = real_spectra(windowed, 1, out=self.observed)
+        self._bands = None
 
     def suspend(self) -> None:
         """Stop judging until the residual's gains are measured again (they no longer fit the line)."""
         self.band_gains = None
         self.residual_gain = None
         self.measured_gains.clear()
-        self.learned_bands_filled = 0
+        self.learned_bands_filled = self.learned_bands_next = 0
 
     def shows_caller(self, noise_energy: float, near_energy: float) -> bool:
         """True when the residual of the frame just observed clearly exceeds its echo plus noise.
@@ -253,10 +249,10 @@ class SpectralEchoCanceller:
             self.echo_filter *= np.minimum(1.0, MAX_BIN_GAIN / np.maximum(magnitude, 1e-12))
             self._bands = None
         if learned_beyond_warmup == 0:
-            self.learned_bands_filled = 0  # what the frames left before the filter existed says nothing of it
             self.frames_until_measure = self.measure_every_frames
         ring = self.learned_bands
-        ring[learned_beyond_warmup % len(ring)] = self._frame_bands()
+        ring[self.learned_bands_next] = self._frame_bands()
+        self.learned_bands_next = (self.learned_bands_next + 1) % len(ring)
         self.learned_bands_filled = min(self.learned_bands_filled + 1, len(ring))
         self.frames_until_measure -= 1
         if self.frames_until_measure <= 0:

@@ -107,14 +107,16 @@ def estimate_echo_path(
     ratios = np.sort(near_envelope[far_active] / aligned_far[far_active])
     # The upper quartile: robust to the caller's bursts, and steadier than the median on a coloured path,
     # which returns a different share of each sound; a sort is far cheaper than np.percentile here.
-    echo_gain = float(ratios[3 * len(ratios) // 4])
+    # Floored: a line of digital silence measures no echo at all, and gains are divided by.
+    echo_gain = max(float(ratios[3 * len(ratios) // 4]), 1e-12)
     return max_lag_blocks - best_row, echo_gain
 
 
 @dataclass(frozen=True, slots=True)
 class EchoPath:
-    """A measured echo path: its delay and energy gain; `confirmed` is False until an estimate places
-    the delay again after the far end fell silent (network jitter moves it from one response to the next)."""
+    """A measured echo path: its delay and energy gain; `confirmed` is False after the far end fell
+    silent (network jitter moves the delay from one response to the next) until the canceller is seen
+    still cancelling at it or an estimate places it again."""
 
     delay_blocks: int
     gain: float
@@ -126,11 +128,13 @@ class ReferenceEchoGate(_EnergyGate):
 
     With no path measured, the echo predicted at each delay is what `EchoBound` has learned the
     line may return there: G.168's worst case (6 dB return loss) until far-end audio has shown
-    otherwise. Once an echo path is adopted (two estimates in a row agree on its delay), a frame
+    otherwise. Once an echo path is adopted (two estimates in a row agree on its delay, or one finds
+    a far louder echo near the known delay while the caller seems to talk), a frame
     `clear_margin_db` above the echo at that delay is accepted at once; otherwise the spectral
     canceller decides on its residual. After a far-end silence the delay is unconfirmed (network
     jitter may have moved it): the echo is then predicted `jitter_ms` either side of it, broadband,
-    and the frame must also reach `min_rms`, until an estimate places the delay again. The reference
+    and the frame must also reach `min_rms`, until the canceller still cancels at the delay for
+    `confirm_frames` frames or an estimate places it again. The reference
     tells more than `bot_audible`, which is unused.
     """
 

@@ -46,7 +46,11 @@ def to_int16(signal: np.ndarray) -> np.ndarray:
 def active_speech_rms(speech: np.ndarray, frame_samples: int = 160, active_range_db: float = 35.0) -> float:
     """RMS over the 20 ms frames within `active_range_db` of the loudest: a speech level that pauses do not lower."""
     frame_count = len(speech) // frame_samples
+    if frame_count == 0:
+        raise ValueError(f"need at least one frame of {frame_samples} samples to measure a speech level, got {len(speech)}")
     frames = np.asarray(speech[: frame_count * frame_samples], dtype=np.float64).reshape(frame_count, frame_samples)
     energies = np.mean(frames**2, axis=1)
+    if energies.max() <= 0.0:
+        raise ValueError("the clip is silent: it has no speech level")
     active = energies >= energies.max() * 10.0 ** (-active_range_db / 10.0)
     return float(np.sqrt(energies[active].mean()))

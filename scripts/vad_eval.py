@@ -31,7 +31,6 @@ from dsp.echo_path import active_speech_rms, line_noise, simulate_echo, to_int16
 from dsp.g711 import ulaw_encode
 from dsp.inbound import InboundFrameAnalyzer
 from dsp.level import rms
-from dsp.vad import FrameVad
 
 SAMPLE_RATE_HZ = 8000
 FRAME_SAMPLES = 160

@@ -97,3 +97,23 @@ def test_sending_refuses_settings_no_send_could_work_with(tmp_path, monkeypatch,
     assert complaint in capsys.readouterr().err
     assert main(["broadcast", "status", "1", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["status"] == "pending"
+
+
+def test_simulate_plays_each_line_asked_for_and_draws_one_plot_per_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'callgate.db'}")
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    assert main(["simulate", "--fast", "--line", "clean", "--line", "speakerphone", "--plot", str(tmp_path / "call.png")]) == 0
+    out = capsys.readouterr().out
+    assert "--- line: clean" in out and "--- line: speakerphone" in out
+    assert "caller switches to speakerphone" in out
+    summary = json.loads(out[out.rindex('{\n  "talk_over_ms_by_line"'):])
+    assert set(summary["talk_over_ms_by_line"]) == {"clean", "speakerphone"}
+    assert all(120 <= talk_over <= 240 for talk_over in summary["talk_over_ms_by_line"].values())
+    assert sorted(path.name for path in tmp_path.glob("*.png")) == ["call-clean.png", "call-speakerphone.png"]
+
+
+def test_simulate_refuses_a_line_it_does_not_know(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["simulate", "--line", "satellite"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'satellite'" in capsys.readouterr().err

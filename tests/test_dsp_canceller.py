@@ -12,7 +12,7 @@ from dsp.echo_path import line_noise, simulate_echo, to_int16
 from dsp.g711 import ulaw_encode
 from dsp.inbound import InboundFrameAnalyzer
 from dsp.level import rms
-from dsp.canceller import BAND_BINS, BAND_COUNT, band_powers, refine_delay
+from dsp.canceller import BAND_BINS, BAND_COUNT, SpectralEchoCanceller, band_sums, real_spectra, refine_delay
 
 FRAME = 160
 NOISE_RMS = 30.0
@@ -38,13 +38,36 @@ def first_loud_frame(samples: np.ndarray) -> int:
 
 
 @pytest.mark.parametrize("transform", ["compiled", "public fallback"])
-def test_band_powers_sum_the_rfft_bins_of_each_band(transform, monkeypatch):
+def test_band_sums_of_the_spectra_sum_the_rfft_bins_of_each_band(transform, monkeypatch):
     if transform == "public fallback":
         monkeypatch.setattr(dsp.canceller, "_pocketfft_r2c", None)
     rows = np.random.default_rng(0).normal(0.0, 1000.0, (3, FRAME))
     bin_powers = np.abs(np.fft.rfft(rows)) ** 2
     expected = bin_powers[:, 1:].reshape(3, BAND_COUNT, BAND_BINS).sum(axis=2)
-    np.testing.assert_allclose(band_powers(rows), expected, rtol=1e-9)
+    spectra = real_spectra(rows, 1)
+    np.testing.assert_allclose(band_sums(spectra.real**2 + spectra.imag**2), expected, rtol=1e-9)
+
+
+def test_after_a_suspend_the_residual_is_measured_on_the_new_line_only():
+    canceller = SpectralEchoCanceller(history_samples=8000)
+    rng = np.random.default_rng(19)
+    canceller.delay_samples = 0
+    learned_since_suspend = []
+    for index in range(120):
+        far = rng.normal(0.0, 1000.0, FRAME)
+        near = (0.1 if index < 80 else 1.0) * far
+        canceller.push(np.array((near, far)))
+        canceller.observe(near)
+        if index == 80:
+            canceller.suspend()
+        if index >= 80:
+            learned_since_suspend.append(canceller._frame_bands().copy())
+        canceller.learn()
+    filled = canceller.learned_bands[: canceller.learned_bands_filled]
+    # Every row measured from came after the suspend: none of the old line's is left in the ring
+    # (near and far rows compared; the residual's follows the filter as it is refreshed).
+    assert len(filled) == len(learned_since_suspend)
+    assert all(any(np.array_equal(row[[0, 2]], new[[0, 2]]) for new in learned_since_suspend) for row in filled)
 
 
 def test_block_energies_refuse_anything_but_a_frame_pair():

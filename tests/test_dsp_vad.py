@@ -94,8 +94,9 @@ def test_one_masked_frame_inside_a_run_is_passed_over_but_not_counted():
 
 
 def test_bridging_never_strings_echo_together():
-    # A second masked frame in the same run, a masked frame before any voice, or an unvoiced one: the count restarts.
+    # A second masked frame in the same run, or an unvoiced one: the count restarts.
     assert feed_masked(VoiceOnset(6, 350, masked_frames_bridged=1), "vvvmvvmvv") == []
-    assert feed_masked(VoiceOnset(6, 350, masked_frames_bridged=1), "mvvvvv") == []
+    # A masked frame before any voice starts nothing and uses up nothing: the later one is still bridged.
+    assert feed_masked(VoiceOnset(6, 350, masked_frames_bridged=1), "mvvvvvmv") == [140.0]
     assert feed_masked(VoiceOnset(6, 350, masked_frames_bridged=1), "vvvvv.v") == []
     assert feed_masked(VoiceOnset(6, 350, masked_frames_bridged=1), "vvvmvvmvvvvvv") == [240.0]

@@ -251,7 +251,7 @@ def test_greeting_lock_modes(mode, expected):
     assert turns.inbound_disposition(caller_audio=True) is expected
 
 
-def test_while_the_bot_is_audible_the_model_hears_only_what_the_echo_gate_accepts():
+def test_while_the_bot_is_audible_the_model_hears_only_what_the_inbound_path_takes_for_the_caller():
     turns, _ = answering_call()
     assert turns.inbound_disposition(caller_audio=False) is InboundDisposition.SILENCE
     assert turns.inbound_disposition(caller_audio=True) is InboundDisposition.AUDIO
