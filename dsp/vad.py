@@ -39,7 +39,7 @@ class VoiceOnset:
     not count: after the rest a fresh run is needed.
     """
 
-    def __init__(self, voice_frames: int = 6, debounce_ms: float = 350, masked_frames_bridged: int = 0) -> None:
+    def __init__(self, voice_frames: int, debounce_ms: float, masked_frames_bridged: int = 0) -> None:
         if voice_frames < 1:
             raise ValueError(f"voice_frames must be at least 1, got {voice_frames!r}")
         self.voice_frames = voice_frames

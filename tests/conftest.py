@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import settings
 
 from app.clips import load_clip
+
+# No per-example deadline: on a loaded shared machine a slow example is not a failure.
+settings.register_profile("callgate", deadline=None)
+settings.load_profile("callgate")
 
 
 @pytest.fixture

@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pytest
 import trio
 
-from app.carriers.simulated_twilio import PHONE_LINES, SimulatedPhone, run_phone_call
+from app.carriers.simulated_twilio import FRAME_S, PHONE_LINES, SimulatedPhone, run_phone_call
 from app.server import serve
 from app.settings import Settings
 from app.simulate import StandardCall, measure, simulate_call
 from storage.db import open_database
 from storage.models import Call, CallEvent, TranscriptTurn
+
+
+def answer_ms_heard_at_the_phone(report) -> int:
+    """Bot audio the phone played from the answer's first frame to the barge-in's `clear`."""
+    played = report.timeline.played
+    heard_start_s = next(at for at, what in report.timeline.events if what == "caller hears the answer start")
+    first = next(index for index in range(int(heard_start_s / FRAME_S) - 5, len(played)) if np.any(played[index]))
+    return (report.timeline.clear_frames[-1] - first) * 20
 
 
 @pytest.fixture
@@ -52,7 +61,8 @@ async def test_a_simulated_call_leaves_its_records(settings, autojump_clock):
         assert kinds.count("first_utterance_end") == 1 and kinds.count("barge_in") == 1
         turns = list(TranscriptTurn.select().where(TranscriptTurn.call == call).order_by(TranscriptTurn.id))
         assert [turn.truncated for turn in turns[:2]] == [False, True]
-        assert 0 < turns[1].heard_ms < 14_000
+        # What the marks say was heard is what the phone played, to within one 100 ms chunk.
+        assert abs(turns[1].heard_ms - answer_ms_heard_at_the_phone(report)) <= settings.playback_chunk_ms
     database.close()
 
 
@@ -91,8 +101,9 @@ async def test_on_a_line_without_echo_a_barge_in_early_in_the_answer_silences_th
     with database.bind_ctx([Call, TranscriptTurn]):
         call = Call.get(Call.call_sid == call_sid)
         answer = list(TranscriptTurn.select().where(TranscriptTurn.call == call).order_by(TranscriptTurn.id))[1]
-        # The model's memory is cut to what the caller heard: about the 1.5 s before the barge-in.
-        assert answer.truncated and 1_400 <= answer.heard_ms <= 1_900
+        # The model's memory is cut to what the caller heard, to within one 100 ms chunk.
+        assert answer.truncated
+        assert abs(answer.heard_ms - answer_ms_heard_at_the_phone(report)) <= settings.playback_chunk_ms
     database.close()
 
 

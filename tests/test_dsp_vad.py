@@ -32,6 +32,18 @@ def test_white_noise_is_rarely_voiced_at_the_default_aggressiveness():
     assert voiced_fraction(FrameVad(2), noise) < 0.1
 
 
+def test_aggressiveness_is_the_one_asked_for():
+    # Noisy speech-band audio: the least aggressive mode calls much more of it voice than the most.
+    noise = np.random.default_rng(8).normal(0, 1000, 16000).astype(np.int16)
+    assert voiced_fraction(FrameVad(0), noise) > voiced_fraction(FrameVad(3), noise) + 0.3
+
+
+def test_float_frames_are_judged_as_their_int16_samples(speech_clip):
+    vad = FrameVad(2)
+    clip = speech_clip("caller_question_en.wav")
+    assert [vad.is_voiced(frame.astype(np.float64)) for frame in frames(clip)] == [vad.is_voiced(frame) for frame in frames(clip)]
+
+
 def test_bad_frames_and_settings_are_refused_clearly():
     with pytest.raises(ValueError, match="10, 20 or 30 ms"):
         FrameVad(2).is_voiced(np.zeros(100, dtype=np.int16))
@@ -77,7 +89,7 @@ def test_rearms_exactly_when_the_debounce_has_passed():
 
 def test_voice_frames_must_be_positive():
     with pytest.raises(ValueError, match="voice_frames"):
-        VoiceOnset(voice_frames=0)
+        VoiceOnset(voice_frames=0, debounce_ms=350)
 
 
 def feed_masked(onset: VoiceOnset, verdicts: str) -> list[float]:
@@ -93,10 +105,23 @@ def test_one_masked_frame_inside_a_run_is_passed_over_but_not_counted():
     assert feed_masked(VoiceOnset(6, 350), "vvvvvmv") == []
 
 
+def test_a_single_frame_run_fires_on_every_frame_once_rested():
+    assert feed(VoiceOnset(1, 0), "vv.v") == [0.0, 20.0, 60.0]
+    # After firing the run starts again from nothing.
+    assert feed(VoiceOnset(2, 0), "vvvv") == [20.0, 60.0]
+
+
+def test_two_masked_frames_are_bridged_where_two_are_allowed_and_not_a_third():
+    assert feed_masked(VoiceOnset(6, 350, masked_frames_bridged=2), "vvmvmvvv") == [140.0]
+    assert feed_masked(VoiceOnset(6, 350, masked_frames_bridged=2), "vvmvmvmvvv") == []
+
+
 def test_bridging_never_strings_echo_together():
     # A second masked frame in the same run, or an unvoiced one: the count restarts.
     assert feed_masked(VoiceOnset(6, 350, masked_frames_bridged=1), "vvvmvvmvv") == []
     # A masked frame before any voice starts nothing and uses up nothing: the later one is still bridged.
     assert feed_masked(VoiceOnset(6, 350, masked_frames_bridged=1), "mvvvvvmv") == [140.0]
     assert feed_masked(VoiceOnset(6, 350, masked_frames_bridged=1), "vvvvv.v") == []
+    # A frame given as not voiced, with nothing said of masking, is not masked.
+    assert feed(VoiceOnset(6, 350, masked_frames_bridged=1), "vvvvv.v") == []
     assert feed_masked(VoiceOnset(6, 350, masked_frames_bridged=1), "vvvmvvmvvvvvv") == [240.0]

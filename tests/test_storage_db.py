@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from storage.db import database_proxy, open_database, redacted
-from tests.storage_fixtures import database, database_url  # noqa: F401 (fixtures)
+from tests.storage_fixtures import PG_REQUIRED_VARIABLE, PG_URL_VARIABLE, database, database_url  # noqa: F401 (fixtures)
+from tests.storage_fixtures import postgres_server_url
 
 
 def test_sqlite_is_opened_with_wal_foreign_keys_and_a_busy_timeout(tmp_path):
@@ -31,3 +32,11 @@ def test_an_unsupported_url_is_refused_without_showing_its_password():
 def test_redacted_leaves_a_url_without_password_alone():
     assert redacted("sqlite:///callgate.db") == "sqlite:///callgate.db"
     assert redacted("postgresql://app:s3cret@db:5432/callgate") == "postgresql://app:***@db:5432/callgate"
+
+
+def test_the_postgresql_cases_skip_without_a_server_and_fail_where_one_is_required():
+    with pytest.raises(pytest.skip.Exception):
+        postgres_server_url({})
+    with pytest.raises(pytest.fail.Exception, match=PG_URL_VARIABLE):
+        postgres_server_url({PG_REQUIRED_VARIABLE: "1"})
+    assert postgres_server_url({PG_URL_VARIABLE: "postgresql://db/x"}) == "postgresql://db/x"
