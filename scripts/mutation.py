@@ -115,6 +115,9 @@ def main() -> None:
     mutmut = shutil.which("mutmut", path=str(Path(sys.executable).parent)) or shutil.which("mutmut")
     if mutmut is None:
         parser.error("mutmut is not installed: run scripts/mutation.sh, which installs it")
+    if not os.environ.get("CALLGATE_TEST_PG_URL"):
+        print("CALLGATE_TEST_PG_URL is not set: the PostgreSQL cases skip, so the mutants only they kill survive",
+              file=sys.stderr)
     report = {}
     with tempfile.TemporaryDirectory(prefix="callgate-mutation-") as scratch:
         for module in arguments.modules or MODULES:

@@ -116,7 +116,7 @@ class StorageWriter:
                     _log_records_lost(batch, error)
                     return
                 _log_batch_retry(batch, error, attempt)
-                await trio.sleep(min(RETRY_MAX_DELAY_S, RETRY_BASE_DELAY_S * 2 ** (attempt - 1)))
+                await trio.sleep(retry_delay_s(attempt))
                 continue
             for record, error in failures:
                 _log_record_failed(record, error)
@@ -144,6 +144,11 @@ class StorageWriter:
         )
 
 
+def retry_delay_s(attempt: int) -> float:
+    """Exponential backoff after the `attempt`th failed write, capped so a recovered database is noticed soon."""
+    return min(RETRY_MAX_DELAY_S, RETRY_BASE_DELAY_S * 2 ** (attempt - 1))
+
+
 def write_batch(database: peewee.Database, batch: list[CallRecord]) -> list[tuple[CallRecord, Exception]]:
     """Write `batch` in one transaction; a record that fails rolls back alone (savepoint).
 
@@ -155,51 +160,52 @@ def write_batch(database: peewee.Database, batch: list[CallRecord]) -> list[tupl
         for record in batch:
             try:
                 with database.atomic():
-                    write_record(database, record)
+                    write_record(record)
             except (peewee.IntegrityError, peewee.DataError, UnknownCallError, TypeError, ValueError) as error:
                 failures.append((record, error))
     return failures
 
 
-def write_record(database: peewee.Database, record: CallRecord) -> None:
+def write_record(record: CallRecord) -> None:
+    """Write one record through the models, which open_database() bound to the writer's database."""
     match record:
         case CallStarted():
             Call.insert(
                 call_sid=record.call_sid, stream_sid=record.stream_sid, from_number=record.from_number,
-                to_number=record.to_number, business=_known_business_id(database, record),
+                to_number=record.to_number, business=_known_business_id(record),
                 started_at=as_utc(record.started_at),
-            ).execute(database)
+            ).execute()
         case CallEventRecord():
             CallEvent.insert(
                 call=record.call_sid, kind=record.kind, at=as_utc(record.at), detail=record.detail,
-            ).execute(database)
+            ).execute()
         case TranscriptTurnRecord():
             TranscriptTurn.insert(
                 call=record.call_sid, role=record.role, text=record.text, started_at=as_utc(record.started_at),
                 truncated=record.truncated, heard_ms=record.heard_ms,
-            ).execute(database)
+            ).execute()
         case CallEnded():
-            _end_call(database, record)
+            _end_call(record)
         case WhatsappStatusRecord():
             apply_delivery_status(record)
         case _:
             raise TypeError(f"not a call record: {type(record).__name__}")
 
 
-def _known_business_id(database: peewee.Database, record: CallStarted) -> int | None:
+def _known_business_id(record: CallStarted) -> int | None:
     """A webhook URL naming a business that does not exist must not cost the call its records."""
-    if record.business_id is None or Business.select().where(Business.id == record.business_id).exists(database):
+    if record.business_id is None or Business.select().where(Business.id == record.business_id).exists():
         return record.business_id
     log_event(logger, record.call_sid, "STORAGE", "call names an unknown business; stored without one",
               level=logging.WARNING, business_id=record.business_id)
     return None
 
 
-def _end_call(database: peewee.Database, record: CallEnded) -> None:
+def _end_call(record: CallEnded) -> None:
     updated = (
         Call.update(ended_at=as_utc(record.ended_at), end_reason=record.end_reason)
         .where(Call.call_sid == record.call_sid)
-        .execute(database)
+        .execute()
     )
     if not updated:
         raise UnknownCallError(f"no call {record.call_sid} to end")

@@ -6,10 +6,12 @@ import json
 import math
 
 import numpy as np
+import pytest
 import trio
 
 from app.playback import Playback, PlayoutReference
 from app.turn_events import PlayAudio
+from dsp.g711 import ulaw_decode
 
 CHUNK = b"\x00" * 800  # 100 ms of loud mu-law
 
@@ -74,3 +76,74 @@ def test_the_playout_reference_hands_out_one_frame_per_inbound_frame_then_silenc
     reference.extend(np.ones(400, dtype=np.int16))
     reference.clear()
     assert not reference.pop_frame().any()
+
+
+async def test_media_and_marks_carry_the_stream_sid_and_the_reference_is_the_decoded_audio(autojump_clock):
+    playback, chunks, carrier, reference = playback_under_test(lead_ms=0)
+    sent = []
+    audio = bytes(range(256)) * 5 + bytes(range(64))  # 1344 bytes: 8.4 frames of every mu-law code
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(playback.run)
+        nursery.start_soon(collect, carrier, sent)
+        chunks.send_nowait(PlayAudio("resp_1", audio, "resp_1:0"))
+        await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert {message["streamSid"] for _, message in sent} == {"MZ1"}
+    expected = ulaw_decode(np.frombuffer(audio, dtype=np.uint8))
+    played = np.concatenate([reference.pop_frame() for _ in range(9)])
+    assert played.dtype == np.int16
+    assert played[:len(expected)].tolist() == expected.tolist() and not played[len(expected):].any()
+
+
+async def test_each_chunk_leaves_exactly_when_the_carrier_buffer_falls_to_the_lead(autojump_clock):
+    playback, chunks, carrier, _ = playback_under_test(lead_ms=150)
+    sent = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(playback.run)
+        nursery.start_soon(collect_exact, carrier, sent)
+        for number in range(4):
+            chunks.send_nowait(PlayAudio("resp_1", CHUNK, f"resp_1:{number}"))
+        await trio.sleep(1.0)
+        nursery.cancel_scope.cancel()
+    media_times = [at for at, message in sent if message["event"] == "media"]
+    # Buffered audio ends at 0.1, 0.2, 0.3 s: the next chunk may leave 150 ms before that.
+    assert media_times == [0.0, 0.0, pytest.approx(0.05, abs=1e-9), pytest.approx(0.15, abs=1e-9)]
+
+
+async def collect_exact(carrier, into):
+    async for text in carrier:
+        into.append((trio.current_time(), json.loads(text)))
+
+
+async def test_stop_is_safe_before_any_audio_between_responses_and_for_a_finished_response(autojump_clock):
+    playback, chunks, carrier, _ = playback_under_test(lead_ms=0)
+    sent = []
+    async with trio.open_nursery() as nursery:
+        playback.stop("resp_0")  # nothing has played yet
+        nursery.start_soon(playback.run)
+        nursery.start_soon(collect, carrier, sent)
+        chunks.send_nowait(PlayAudio("resp_1", CHUNK, "resp_1:0"))
+        chunks.send_nowait(PlayAudio("resp_2", CHUNK, "resp_2:0"))
+        await trio.sleep(0.05)
+        playback.stop("resp_1")  # already sent in full: resp_2 plays on
+        await trio.sleep(0.5)
+        playback.stop("resp_2")  # cancelled while idle
+        playback.stop("resp_3")
+        chunks.send_nowait(PlayAudio("resp_4", CHUNK, "resp_4:0"))
+        await trio.sleep(0.5)
+        nursery.cancel_scope.cancel()
+    marks = [message["mark"]["name"] for _, message in sent if message["event"] == "mark"]
+    assert marks == ["resp_1:0", "resp_2:0", "resp_4:0"]
+
+
+def test_the_playout_reference_is_always_a_full_int16_frame():
+    reference = PlayoutReference()
+    assert reference.pop_frame().dtype == np.int16 and len(reference.pop_frame()) == 160
+    reference.extend(np.full(100, 7, dtype=np.int16))
+    partial = reference.pop_frame()
+    assert partial.dtype == np.int16 and len(partial) == 160
+    reference.extend(np.full(160, 5, dtype=np.int16))
+    reference.clear()
+    reference.extend(np.full(160, 3, dtype=np.int16))
+    after_clear = reference.pop_frame()
+    assert after_clear.dtype == np.int16 and after_clear.tolist() == [3] * 160

@@ -14,7 +14,10 @@ from storage.migrate import (
     APPLIED,
     CHANGED,
     PENDING,
+    UNKNOWN,
     MigrationError,
+    MigrationStatus,
+    _checksum,
     apply_migrations,
     load_migrations,
     migration_status,
@@ -121,8 +124,51 @@ def test_a_dry_run_reports_the_plan_and_changes_nothing(database):
 
     planned = apply_migrations(database, dry_run=True)
 
-    assert [outcome.name for outcome in planned] == ALL_NAMES[2:]
+    assert [(outcome.name, outcome.how) for outcome in planned] == [(name, APPLIED) for name in ALL_NAMES[2:]]
     assert snapshot(database) == before
+
+
+def test_a_dry_run_on_a_legacy_database_plans_to_adopt_its_tables(database):
+    create_legacy_tables(database, with_recipients=True, with_stop_columns=False)
+
+    planned = {outcome.name: outcome.how for outcome in apply_migrations(database, dry_run=True)}
+
+    assert planned["0001_businesses"] == planned["0002_whatsapp_broadcasts"] == ADOPTED
+    assert planned["0004_broadcast_stop_columns"] == APPLIED
+
+
+def test_the_status_lists_every_migration_with_its_state_and_when_it_was_applied(database, migrations_package):
+    assert migration_status(database) == [MigrationStatus(m.id, m.name, PENDING) for m in load_migrations()]
+    newer = load_migrations(migrations_package(extra={f"{SLOW_NAME}.py": SLOW_MIGRATION}))
+    apply_migrations(database, migrations=newer)
+    applied_at = dict(database.execute_sql("SELECT id, applied_at FROM schema_migrations").fetchall())
+
+    statuses = migration_status(database)
+
+    assert all(status.applied_at is not None for status in statuses)
+    assert [(status.id, status.name, status.state) for status in statuses] == [
+        (m.id, m.name, APPLIED) for m in load_migrations()] + [(newer[-1].id, SLOW_NAME, UNKNOWN)]
+    assert [str(status.applied_at)[:19] for status in statuses] == [str(applied_at[s.id])[:19] for s in statuses]
+
+
+def test_a_checkout_with_crlf_line_endings_has_the_same_checksum(tmp_path):
+    (tmp_path / "lf.py").write_bytes(b"def forward(migrator):\n    return []\n")
+    (tmp_path / "crlf.py").write_bytes(b"def forward(migrator):\r\n    return []\r\n")
+    (tmp_path / "edited.py").write_bytes(b"def forward(migrator):\n    return [] \n")
+
+    assert _checksum(str(tmp_path / "crlf.py")) == _checksum(str(tmp_path / "lf.py"))
+    assert _checksum(str(tmp_path / "edited.py")) != _checksum(str(tmp_path / "lf.py"))
+
+
+def test_two_migrations_with_one_number_are_refused_by_name(migrations_package):
+    number = len(ALL_NAMES) + 1
+    package = migrations_package(extra={f"{number:04d}_first.py": SLOW_MIGRATION, f"{number:04d}_second.py": SLOW_MIGRATION})
+
+    with pytest.raises(MigrationError) as caught:
+        load_migrations(package)
+
+    assert str(caught.value) == (
+        f"migration {number:04d}_second: has the same number as {number:04d}_first; renumber one of them")
 
 
 @pytest.mark.parametrize(
@@ -180,7 +226,11 @@ def test_an_edited_applied_migration_is_refused_before_anything_is_applied(datab
         apply_migrations(database, migrations=edited)
 
     assert caught.value.migration_name == "0002_whatsapp_broadcasts"
-    assert "edited after it was applied" in str(caught.value)
+    recorded = next(m for m in load_migrations() if m.name == "0002_whatsapp_broadcasts").checksum
+    now = next(m for m in edited if m.name == "0002_whatsapp_broadcasts").checksum
+    assert str(caught.value) == (
+        f"migration 0002_whatsapp_broadcasts: was edited after it was applied (recorded checksum {recorded[:12]}, "
+        f"file now {now[:12]}); restore the file and put the change in a new migration")
     assert snapshot(database) == before
     states = {status.name: status.state for status in migration_status(database, migrations=edited)}
     assert states["0002_whatsapp_broadcasts"] == CHANGED
@@ -192,8 +242,9 @@ def test_a_database_from_a_newer_version_is_refused(database, migrations_package
     with pytest.raises(MigrationError) as caught:
         apply_migrations(database)
 
-    assert caught.value.migration_name == SLOW_NAME
-    assert "does not have it" in str(caught.value)
+    assert str(caught.value) == (
+        f"migration {SLOW_NAME}: is recorded in schema_migrations but this version of callgate does not have it; "
+        "run the callgate version that applied it, or a newer one")
 
 
 @pytest.mark.parametrize(

@@ -11,9 +11,11 @@ import trio
 
 import storage.writer
 from storage.migrate import apply_migrations
-from storage.models import Call, CallEvent, TranscriptTurn
-from storage.records import CallEnded, CallEventRecord, CallStarted, TranscriptTurnRecord
-from storage.writer import StorageWriter
+from storage.models import (
+    Business, Call, CallEvent, TranscriptTurn, WhatsappBroadcast, WhatsappBroadcastRecipient, move_recipients, utc_now,
+)
+from storage.records import CallEnded, CallEventRecord, CallStarted, TranscriptTurnRecord, WhatsappStatusRecord
+from storage.writer import StorageWriter, retry_delay_s
 from tests.storage_fixtures import database, database_url  # noqa: F401 (fixtures)
 
 CALL_START = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)
@@ -169,9 +171,9 @@ async def test_a_record_that_cannot_be_written_is_logged_and_the_others_are_writ
     assert Call.get(Call.call_sid == "CAgood").end_reason == "caller_hung_up"
     errors = storage_log_lines(caplog, logging.ERROR)
     assert len(errors) == 3
-    assert errors[0].startswith("call=CAghost [STORAGE] record not written record=CallEventRecord")
-    assert errors[1].startswith("call=CAgood [STORAGE] record not written record=CallStarted")
-    assert errors[2].startswith("call=CAnobody [STORAGE] record not written record=CallEnded")
+    assert errors[0].startswith("call=CAghost [STORAGE] record not written record=CallEventRecord error=")
+    assert errors[1].startswith("call=CAgood [STORAGE] record not written record=CallStarted error=")
+    assert errors[2] == "call=CAnobody [STORAGE] record not written record=CallEnded error='no call CAnobody to end'"
 
 
 async def test_over_capacity_every_record_is_kept_and_one_warning_logged(migrated, caplog):
@@ -222,8 +224,15 @@ async def test_at_shutdown_records_a_dead_database_cannot_take_are_logged_as_los
         nursery.cancel_scope.cancel()
 
     errors = storage_log_lines(caplog, logging.ERROR)
-    assert len(errors) == 1
-    assert errors[0].startswith("call=CAlost [STORAGE] record lost at shutdown")
+    warnings = storage_log_lines(caplog, logging.WARNING)
+    # Two retries, then the third and last attempt at shutdown gives up; each line names the database's error.
+    lines = [line.split(" error=", 1) for line in warnings + errors]
+    assert [line[0] for line in lines] == [
+        "call=CAlost [STORAGE] database write failed; retrying records=1 attempt=1",
+        "call=CAlost [STORAGE] database write failed; retrying records=1 attempt=2",
+        "call=CAlost [STORAGE] record lost at shutdown: database unavailable record=CallStarted",
+    ]
+    assert len({line[1] for line in lines}) == 1 and "calls" in lines[0][1]
 
 
 async def test_flush_after_the_writer_stopped_raises_instead_of_waiting_forever(migrated, caplog):
@@ -233,9 +242,11 @@ async def test_flush_after_the_writer_stopped_raises_instead_of_waiting_forever(
         nursery.cancel_scope.cancel()
     writer.submit(simulated_call("CAtoolate")[0])
 
-    with pytest.raises(RuntimeError, match="writer has stopped"):
+    with pytest.raises(RuntimeError) as raised:
         await writer.flush()
-    assert "submitted after the writer stopped" in storage_log_lines(caplog, logging.ERROR)[0]
+    assert str(raised.value) == "the storage writer has stopped; queued records cannot be written"
+    assert storage_log_lines(caplog, logging.ERROR) == [
+        "call=CAtoolate [STORAGE] record submitted after the writer stopped; it will not be written record=CallStarted"]
 
 
 async def test_a_call_naming_an_unknown_business_keeps_its_records(writer, caplog):
@@ -250,3 +261,127 @@ async def test_a_call_naming_an_unknown_business_keeps_its_records(writer, caplo
     assert call.business_id is None and call.end_reason == "caller_hung_up"
     assert CallEvent.select().where(CallEvent.call == call).count() == 3
     assert "call=CAbiz [STORAGE] call names an unknown business" in "\n".join(storage_log_lines(caplog, logging.WARNING))
+
+
+def test_the_backoff_doubles_from_half_a_second_up_to_ten():
+    assert [retry_delay_s(attempt) for attempt in range(1, 8)] == [0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
+
+
+async def test_records_are_written_in_batches_of_at_most_the_batch_size(migrated, monkeypatch):
+    monkeypatch.setattr(storage.writer, "BATCH_SIZE", 3)
+    batch_sizes = []
+    real_write_batch = storage.writer.write_batch
+
+    def counting_write_batch(database, batch):
+        batch_sizes.append(len(batch))
+        return real_write_batch(database, batch)
+
+    monkeypatch.setattr(storage.writer, "write_batch", counting_write_batch)
+    writer = StorageWriter(migrated)
+    for record in simulated_call("CAbatch"):
+        writer.submit(record)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        await flush(writer)
+        nursery.cancel_scope.cancel()
+
+    assert batch_sizes == [3, 3, 1]
+    assert Call.get(Call.call_sid == "CAbatch").end_reason == "caller_hung_up"
+
+
+async def test_flush_with_nothing_submitted_returns_at_once(migrated):
+    writer = StorageWriter(migrated)
+    with trio.fail_after(HANG_GUARD_S):
+        await writer.flush()
+
+
+async def test_a_known_business_is_kept_on_the_call(writer):
+    business = Business.create(name="Acme", created_at=utc_now())
+    started = simulated_call("CAacme")[0]
+    writer.submit(CallStarted(started.call_sid, started.stream_sid, started.from_number, started.to_number,
+                              business.id, started.started_at))
+    await flush(writer)
+
+    assert Call.get(Call.call_sid == "CAacme").business_id == business.id
+
+
+async def test_a_delivery_status_moves_its_recipient_forward(writer):
+    business = Business.create(name="Acme", created_at=utc_now())
+    broadcast = WhatsappBroadcast.create(business=business, name="b", template_name="t", template_language="he",
+                                         status="running", total_recipients=1)
+    row = WhatsappBroadcastRecipient.create(broadcast=broadcast, business=business, phone="+972502345600")
+    move_recipients(broadcast.id, "queued", "sent", WhatsappBroadcastRecipient.id == row.id, message_id="wamid.1")
+
+    writer.submit(WhatsappStatusRecord("wamid.1", "delivered", CALL_START))
+    await flush(writer)
+
+    delivered = WhatsappBroadcastRecipient.get_by_id(row.id)
+    assert (delivered.status, delivered.delivered_at) == ("delivered", CALL_START.replace(tzinfo=None))
+
+
+async def test_something_that_is_not_a_record_is_logged_and_the_rest_written(writer, caplog):
+    caplog.set_level(logging.INFO, logger="storage.writer")
+    writer.submit(StrayRecord())
+    writer.submit(simulated_call("CAafter")[0])
+    await flush(writer)
+
+    assert storage_log_lines(caplog, logging.ERROR) == [
+        "call=CAstray [STORAGE] record not written record=StrayRecord error='not a call record: StrayRecord'"]
+    assert Call.get(Call.call_sid == "CAafter")
+
+
+async def test_an_error_without_a_message_is_logged_by_its_type(writer, caplog, monkeypatch):
+    caplog.set_level(logging.INFO, logger="storage.writer")
+    real_write_record = storage.writer.write_record
+
+    def failing_on_events(record):
+        if isinstance(record, CallEventRecord):
+            raise ValueError()
+        real_write_record(record)
+
+    monkeypatch.setattr(storage.writer, "write_record", failing_on_events)
+    writer.submit(simulated_call("CAempty")[1])
+    await flush(writer)
+
+    assert storage_log_lines(caplog, logging.ERROR) == [
+        "call=CAempty [STORAGE] record not written record=CallEventRecord error=ValueError"]
+
+
+async def test_over_capacity_warns_once_per_overflow_and_again_after_the_queue_drained(migrated, caplog):
+    caplog.set_level(logging.INFO, logger="storage.writer")
+    writer = StorageWriter(migrated, capacity=3)
+    records = simulated_call("CAfull")
+    for record in records[:3]:
+        writer.submit(record)
+    assert storage_log_lines(caplog, logging.WARNING) == []  # at capacity, not over it
+    for record in records[3:]:
+        writer.submit(record)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        await flush(writer)
+        for record in simulated_call("CAagain"):
+            writer.submit(record)
+        await flush(writer)
+        nursery.cancel_scope.cancel()
+
+    assert storage_log_lines(caplog, logging.WARNING) == [
+        "call=CAfull [STORAGE] writer queue over capacity; keeping records in memory queued=4 capacity=3",
+        "call=CAagain [STORAGE] writer queue over capacity; keeping records in memory queued=4 capacity=3",
+    ]
+
+
+def test_the_default_capacity_is_ten_thousand_records(migrated, caplog):
+    caplog.set_level(logging.INFO, logger="storage.writer")
+    writer = StorageWriter(migrated)
+    record = simulated_call("CAmany")[1]
+    for _ in range(10_000):
+        writer.submit(record)
+    assert storage_log_lines(caplog, logging.WARNING) == []
+    writer.submit(record)
+    assert len(storage_log_lines(caplog, logging.WARNING)) == 1
+
+
+class StrayRecord:
+    """Not one of the record types: what a caller of submit() might pass by mistake."""
+
+    log_id = "CAstray"

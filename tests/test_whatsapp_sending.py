@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -136,3 +139,69 @@ async def test_settings_no_request_can_carry_pause_the_broadcast_and_claim_nobod
     assert "no message can be sent with these settings" in WhatsappBroadcast.get_by_id(broadcast_id).paused_reason
     assert records(record_path) == []
     assert recipient_status_counts(broadcast_id)["queued"] == 5
+
+
+async def operator_command(database_url: str, *arguments: object) -> float:
+    """Run `callgate broadcast ...` as the operator would, in its own process; returns when it finished."""
+    await trio.run_process([sys.executable, "-m", "app.cli", "broadcast", *map(str, arguments)],
+                           env={**os.environ, "DATABASE_URL": database_url}, capture_stdout=True)
+    return time.time()
+
+
+async def stop_a_running_broadcast(tmp_path, database_url, broadcast_id: int, verb: str):
+    """Send at 10 a second, run `verb` once a few messages are out; the worker's final status, sends, stop time."""
+    record_path = tmp_path / "sandbox.jsonl"
+    outcome = {}
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(lambda task_status: serve_sandbox(
+            "127.0.0.1", 0, record_path=record_path, fail_spec="", seed=3, task_status=task_status))
+        settings = Settings(whatsapp_api_base=f"http://127.0.0.1:{port}", whatsapp_phone_number_id="1065",
+                            whatsapp_access_token="token")
+        await trio.to_thread.run_sync(dispatch.start, broadcast_id, 10.0, utc_now())
+
+        async def work() -> None:
+            outcome["final"] = await BroadcastWorker(settings, broadcast_id, SendOptions(10.0, 3)).run()
+
+        with trio.fail_after(60):  # a bound on hangs, not a timing assertion
+            async with trio.open_nursery() as working:
+                working.start_soon(work)
+                while len(records(record_path)) < 5:
+                    await trio.sleep(0.05)
+                outcome["stopped_at"] = await operator_command(database_url, verb, broadcast_id)
+        nursery.cancel_scope.cancel()
+    return outcome["final"], records(record_path), outcome["stopped_at"]
+
+
+def assert_stopped_within_a_second(sent: list[dict], stopped_at: float, broadcast_id: int) -> None:
+    assert 5 <= len(sent) < len(PHONES)
+    assert [message["to"] for message in sent if message["received_at"] > stopped_at + 1.0] == []
+    # Claimed but unsent rows went back to the queue: every recipient is either sent, once, or queued.
+    counts = recipient_status_counts(broadcast_id)
+    assert {status: count for status, count in counts.items() if count} == {
+        "sent": len(sent), "queued": len(PHONES) - len(sent)}
+    assert WhatsappBroadcastRecipient.select().where(WhatsappBroadcastRecipient.claimed_by.is_null(False)).count() == 0
+
+
+async def test_pausing_a_running_broadcast_stops_its_worker_and_resuming_sends_the_rest_once(
+        migrated, database_url, tmp_path):
+    broadcast_id = new_broadcast(len(PHONES))
+    final, sent, paused_at = await stop_a_running_broadcast(tmp_path, database_url, broadcast_id, "pause")
+    assert final == "paused"
+    assert_stopped_within_a_second(sent, paused_at, broadcast_id)
+    assert_counters_equal_rows(broadcast_id)
+
+    await operator_command(database_url, "resume", broadcast_id)
+    assert WhatsappBroadcast.get_by_id(broadcast_id).status == "running"
+    (tmp_path / "resumed").mkdir()
+    final, rest = await send_through_sandbox(tmp_path / "resumed", broadcast_id)
+    assert final == "completed"
+    assert sorted(message["to"] for message in sent + rest) == sorted(phone.lstrip("+") for phone in PHONES)
+    assert_counters_equal_rows(broadcast_id)
+
+
+async def test_cancelling_a_running_broadcast_stops_its_worker_for_good(migrated, database_url, tmp_path):
+    broadcast_id = new_broadcast(len(PHONES))
+    final, sent, cancelled_at = await stop_a_running_broadcast(tmp_path, database_url, broadcast_id, "cancel")
+    assert final == "cancelled"
+    assert_stopped_within_a_second(sent, cancelled_at, broadcast_id)
+    assert WhatsappBroadcast.get_by_id(broadcast_id).stopped_at is not None

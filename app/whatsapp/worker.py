@@ -150,7 +150,7 @@ class BroadcastWorker:
                 while len(batch) < RESULTS_PER_TRANSACTION:
                     try:
                         batch.append(results.receive_nowait())
-                    except trio.WouldBlock:
+                    except (trio.WouldBlock, trio.EndOfChannel):  # the last senders finished: write what came
                         break
                 await self._in_db_thread(dispatch.record_results, self.broadcast_id, batch)
                 for result in batch:
