@@ -107,6 +107,8 @@ class CallSession:
             self.stream_sid, playback_receive, self._carrier_out_send, self._reference, settings.playback_lead_ms
         )
         self.end_reason = ""
+        # Record times come from trio's monotonic clock, anchored once: a wall-clock step mid-call moves no record.
+        self._clock_anchor = (trio.current_time(), datetime.now(timezone.utc))
 
     def log(self, tag: str, message: str = "", *, level: int = logging.INFO, **fields: object) -> None:
         log_event(logger, self.call_sid, tag, message, level=level, **fields)
@@ -118,7 +120,7 @@ class CallSession:
             from_number=self._start.custom_parameters.get("from", ""),
             to_number=self._start.custom_parameters.get("to", ""),
             business_id=_optional_int(self._start.custom_parameters.get("business_id")),
-            started_at=_utc_now(),
+            started_at=self._wall_time(trio.current_time()),
         ))
         try:
             async with trio.open_nursery() as nursery:
@@ -136,7 +138,8 @@ class CallSession:
         finally:
             self.end_reason = self.end_reason or "cancelled"
             self.feed(CallEnding(self.end_reason))
-            self._recorder.submit(CallEnded(call_sid=self.call_sid, ended_at=_utc_now(), end_reason=self.end_reason))
+            self._recorder.submit(CallEnded(
+                call_sid=self.call_sid, ended_at=self._wall_time(trio.current_time()), end_reason=self.end_reason))
         return self.end_reason
 
     def hang_up(self, reason: str) -> None:
@@ -162,13 +165,18 @@ class CallSession:
             case Log(tag, message, fields, level):
                 self.log(tag, message, level=logging.getLevelName(level.upper()), **fields)
             case RecordEvent(kind, detail):
-                self._recorder.submit(CallEventRecord(call_sid=self.call_sid, kind=kind, at=_utc_now(), detail=detail))
+                self._recorder.submit(CallEventRecord(
+                    call_sid=self.call_sid, kind=kind, at=self._wall_time(trio.current_time()), detail=detail))
             case RecordTranscript(role, text, started_at_s, truncated, heard_ms):
-                started_at = _utc_now() - timedelta(seconds=trio.current_time() - started_at_s)
                 self._recorder.submit(TranscriptTurnRecord(
-                    call_sid=self.call_sid, role=role, text=text, started_at=started_at, truncated=truncated,
+                    call_sid=self.call_sid, role=role, text=text, started_at=self._wall_time(started_at_s),
+                    truncated=truncated,
                     heard_ms=heard_ms,
                 ))
+
+    def _wall_time(self, at_s: float) -> datetime:
+        anchor_s, anchor_wall = self._clock_anchor
+        return anchor_wall + timedelta(seconds=at_s - anchor_s)
 
     def _send_to_model(self, event: dict) -> None:
         try:
@@ -276,10 +284,6 @@ class CallSession:
                 await model.send_message(protocol.encode(event))
         except ConnectionClosed as closed:
             raise ModelLinkLost(f"model socket closed code={int(closed.reason.code)}") from None
-
-
-def _utc_now() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 def _optional_int(text: str | None) -> int | None:

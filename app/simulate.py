@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 import trio
@@ -47,7 +47,7 @@ class SimulationReport:
         }
 
 
-async def _wait_until(condition: Callable[[], bool], what: str) -> None:
+async def wait_until(condition: Callable[[], bool], what: str) -> None:
     with trio.move_on_after(WAIT_LIMIT_S):
         while not condition():
             await trio.sleep(FRAME_S)
@@ -55,7 +55,7 @@ async def _wait_until(condition: Callable[[], bool], what: str) -> None:
     raise RuntimeError(f"the simulated call never reached {what} within {WAIT_LIMIT_S} s")
 
 
-async def _wait_for_quiet(phone: SimulatedPhone) -> None:
+async def wait_for_quiet(phone: SimulatedPhone) -> None:
     """Until the speaker has been silent long enough to call the bot's turn over."""
     quiet_since = trio.current_time()
     with trio.fail_after(WAIT_LIMIT_S):
@@ -77,25 +77,25 @@ class StandardCall:
 
     async def __call__(self, phone: SimulatedPhone, elapsed_s: Callable[[], float]) -> None:
         note = phone.timeline.note
-        await _wait_until(lambda: phone.bot_playing, "the greeting")
+        await wait_until(lambda: phone.bot_playing, "the greeting")
         note(elapsed_s(), "caller hears the greeting start")
         await trio.sleep(GREETING_TALK_AFTER_S)
         phone.say(self.interrupt)
         note(elapsed_s(), "caller talks during the greeting (must be ignored)")
-        await _wait_for_quiet(phone)
+        await wait_for_quiet(phone)
         self.greeting_clears = len(phone.timeline.clear_times_s)
         note(elapsed_s(), "greeting heard to the end")
         phone.switch_to_speakerphone(elapsed_s())
         await trio.sleep(0.5)
         phone.say(self.question)
         note(elapsed_s(), "caller asks a question")
-        await _wait_until(lambda: phone.bot_playing, "the answer")
+        await wait_until(lambda: phone.bot_playing, "the answer")
         note(elapsed_s(), "caller hears the answer start")
         await trio.sleep(self.barge_in_after_s)
         self.utterances_before_barge_in = len(phone.timeline.speech_onset_frames)
         phone.say(self.interrupt)
         note(elapsed_s(), "caller talks over the answer")
-        await _wait_until(lambda: len(phone.timeline.clear_times_s) > self.greeting_clears, "the barge-in")
+        await wait_until(lambda: len(phone.timeline.clear_times_s) > self.greeting_clears, "the barge-in")
         await trio.sleep(2.0)
         note(elapsed_s(), "caller hangs up")
 
@@ -132,9 +132,12 @@ class _DecisionLog(logging.Handler):
 
 async def simulate_call(
     settings: Settings, call_sid: str = "CA" + "5" * 32, line: PhoneLine = PHONE_LINES["echoing"],
-    caller: StandardCall | None = None,
+    caller: StandardCall | None = None, call_options: Mapping[str, str] | None = None,
 ) -> SimulationReport:
-    """Serve on a free loopback port, place the standard call (or `caller`'s) on `line`, then shut everything down."""
+    """Serve on a free loopback port, place the standard call (or `caller`'s) on `line`, then shut everything down.
+
+    `call_options` go on the voice webhook's URL, as the number's configuration would put them (barge_in, business_id).
+    """
     settings = dataclasses.replace(settings, host="127.0.0.1", port=0)
     phone = SimulatedPhone(line=line)
     caller = caller or StandardCall()
@@ -148,7 +151,7 @@ async def simulate_call(
         async with trio.open_nursery() as nursery:
             port = await nursery.start(serve, settings)
             started_at = trio.current_time()
-            await run_phone_call("127.0.0.1", port, call_sid, caller, phone)
+            await run_phone_call("127.0.0.1", port, call_sid, caller, phone, call_options=call_options)
             await trio.sleep(0.5)  # let the server write the call's records before shutting down
             nursery.cancel_scope.cancel()
     finally:

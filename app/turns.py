@@ -307,8 +307,7 @@ class Turns:
 
     def _forget_finished_responses(self) -> None:
         for response_id in [r.response_id for r in self._responses.values() if r.finished]:
-            if response_id != self.first_response_id or not self.first_utterance_protected:
-                del self._responses[response_id]
+            del self._responses[response_id]
 
     # Barge-in: the one condition and the one place that cancels.
     def _on_voice_onset(self, voiced_ms: int, now: float) -> list[TurnAction]:
@@ -330,7 +329,7 @@ class Turns:
             for name in response.pending_marks:
                 del self._marks[name]  # their echoes after clear mean flushed, not played
             response.pending_marks.clear()
-            if response.active and response.response_id not in self._cancelled_response_ids:
+            if response.active:  # a silenced response is never audible again: one cancel per response
                 self._cancelled_response_ids.add(response.response_id)
                 actions.append(SendToModel(protocol.response_cancel(response.response_id)))
             actions.extend(self._forget_unheard(response))

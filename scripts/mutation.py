@@ -23,14 +23,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("app", "dsp", "storage", "scripts")
 MODULES = {
-    "app/turns.py": ["tests/test_turns.py"],
+    "app/turns.py": ["tests/test_turns.py", "tests/test_turns_actions.py"],
     "app/playback.py": ["tests/test_playback.py"],
     "app/call.py": ["tests/test_call_wire.py", "tests/test_call_end_to_end.py"],
     "dsp/echo.py": ["tests/test_dsp_echo.py", "tests/test_dsp_canceller.py"],
     "dsp/vad.py": ["tests/test_dsp_vad.py"],
     "storage/writer.py": ["tests/test_storage_writer.py"],
     "storage/migrate.py": ["tests/test_storage_migrate.py"],
-    "app/whatsapp/dispatch.py": ["tests/test_whatsapp_dispatch.py", "tests/test_whatsapp_workers.py"],
+    "app/whatsapp/dispatch.py": [
+        "tests/test_whatsapp_dispatch.py", "tests/test_whatsapp_sending.py", "tests/test_whatsapp_workers.py"],
 }
 EQUIVALENT = REPO / "tests" / "mutation-equivalent.txt"
 

@@ -11,9 +11,10 @@ import trio
 from app.carriers.simulated_twilio import FRAME_S, PHONE_LINES, SimulatedPhone, run_phone_call
 from app.server import serve
 from app.settings import Settings
-from app.simulate import StandardCall, measure, simulate_call
+from app.simulate import StandardCall, measure, simulate_call, wait_for_quiet, wait_until
 from storage.db import open_database
-from storage.models import Call, CallEvent, TranscriptTurn
+from storage.migrate import apply_migrations
+from storage.models import Business, Call, CallEvent, TranscriptTurn
 
 
 def answer_ms_heard_at_the_phone(report) -> int:
@@ -63,6 +64,15 @@ async def test_a_simulated_call_leaves_its_records(settings, autojump_clock):
         assert [turn.truncated for turn in turns[:2]] == [False, True]
         # What the marks say was heard is what the phone played, to within one 100 ms chunk.
         assert abs(turns[1].heard_ms - answer_ms_heard_at_the_phone(report)) <= settings.playback_chunk_ms
+        # Record times are on the call's clock: the answer began when the phone started hearing it.
+        heard_at = dict((what, at) for at, what in report.timeline.events)
+        answer_after_s = (turns[1].started_at - turns[0].started_at).total_seconds()
+        assert abs(answer_after_s - (heard_at["caller hears the answer start"]
+                                     - heard_at["caller hears the greeting start"])) <= 0.2
+        barge_in_at = next(event.at for event in CallEvent.select().where(
+            CallEvent.call == call, CallEvent.kind == "barge_in"))
+        assert abs((barge_in_at - call.started_at).total_seconds() - report.barge_in_clear_s) <= 0.2
+        assert abs((call.ended_at - call.started_at).total_seconds() - heard_at["caller hangs up"]) <= 0.2
     database.close()
 
 
@@ -113,3 +123,68 @@ async def test_every_simulated_line_keeps_the_greeting_and_stops_the_answer_at_o
     assert not report.greeting_cleared
     assert report.talk_over_ms is not None and 120 <= report.talk_over_ms <= 240
     assert len(report.timeline.clear_times_s) == 1
+
+
+class TalkOverThenListen(StandardCall):
+    """Hears the greeting out, asks, talks over the answer 2 s in, then listens to whatever the bot says next."""
+
+    def __init__(self) -> None:
+        super().__init__(barge_in_after_s=2.0)
+        self.talked_over_frame = 0
+
+    async def __call__(self, phone: SimulatedPhone, elapsed_s) -> None:
+        await wait_until(lambda: phone.bot_playing, "the greeting")
+        await wait_for_quiet(phone)
+        phone.say(self.question)
+        await wait_until(lambda: phone.bot_playing, "the answer")
+        await trio.sleep(self.barge_in_after_s)
+        self.utterances_before_barge_in = len(phone.timeline.speech_onset_frames)
+        self.talked_over_frame = len(phone.timeline.played)
+        phone.say(self.interrupt)
+        await trio.sleep(3.0)
+        await wait_until(lambda: phone.bot_playing, "the reply after the caller spoke")
+        await wait_for_quiet(phone)
+
+
+def bot_frames(report, first: int, last: int | None = None) -> int:
+    """Frames of bot audio the phone played from frame `first` to `last`."""
+    return sum(bool(np.any(frame)) for frame in report.timeline.played[first:last])
+
+
+async def test_after_a_barge_in_the_reply_to_the_caller_is_heard_in_full(settings, autojump_clock):
+    caller = TalkOverThenListen()
+    report = await simulate_call(settings, "CA" + "6" * 32, PHONE_LINES["clean"], caller)
+    assert len(report.timeline.clear_frames) == 1
+    cleared = report.timeline.clear_frames[0]
+    assert cleared - caller.talked_over_frame <= 8  # the onset and a frame or two
+    # The next response plays after the clear: its audio is not taken for the stopped one's.
+    assert bot_frames(report, cleared + 5) >= 50
+    database = open_database(settings.database_url)
+    with database.bind_ctx([Call, TranscriptTurn]):
+        turns = list(TranscriptTurn.select().join(Call).where(Call.call_sid == "CA" + "6" * 32)
+                     .order_by(TranscriptTurn.id))
+        assert [turn.truncated for turn in turns] == [False, True, False]
+        assert turns[2].heard_ms > 1000
+    database.close()
+
+
+async def test_a_number_configured_without_barge_in_talks_over_the_caller_to_the_end(settings, autojump_clock):
+    database = open_database(settings.database_url)
+    apply_migrations(database)
+    business = Business.create(name="Acme")
+    database.close()
+    caller = TalkOverThenListen()
+    report = await simulate_call(settings, "CA" + "4" * 32, PHONE_LINES["clean"], caller,
+                                 call_options={"barge_in": "false", "business_id": str(business.id)})
+    assert report.timeline.clear_frames == []
+    # The caller talked over the bot for the clip's length and the bot went on all along.
+    talking = len(caller.interrupt) // 160
+    assert bot_frames(report, caller.talked_over_frame, caller.talked_over_frame + talking) >= 0.8 * talking
+    database = open_database(settings.database_url)
+    with database.bind_ctx([Call, CallEvent, TranscriptTurn]):
+        call = Call.get(Call.call_sid == "CA" + "4" * 32)
+        assert (call.business_id, call.from_number, call.to_number) == (business.id, "+15550001111", "+15550002222")
+        assert [event.kind for event in CallEvent.select().where(CallEvent.call == call)] == ["first_utterance_end"]
+        turns = list(TranscriptTurn.select().where(TranscriptTurn.call == call).order_by(TranscriptTurn.id))
+        assert not any(turn.truncated for turn in turns)
+    database.close()

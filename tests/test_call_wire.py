@@ -9,12 +9,14 @@ from dataclasses import dataclass, field
 
 import pytest
 import trio
-from trio_websocket import ConnectionClosed, open_websocket_url, serve_websocket
+from trio_websocket import ConnectionClosed, connect_websocket_url, open_websocket_url, serve_websocket
 
 from app.carriers import twilio
 from app.carriers.simulated_twilio import SimulatedPhone, run_phone_call
 from app.server import serve
 from app.settings import Settings
+from storage.db import open_database
+from storage.models import Call
 from tests.realtime_schemas import SDK_CLIENT_EVENTS
 
 
@@ -41,7 +43,7 @@ class ScriptedRealtimeServer:
                 self.received.append(event)
                 if event["type"] == "session.update":
                     for reply in self.say_after_session_update:
-                        await socket.send_message(json.dumps(reply))
+                        await socket.send_message(reply if isinstance(reply, str) else json.dumps(reply))
                     if fail_this_one:
                         await socket.aclose(1011, "scripted failure")
         except ConnectionClosed:
@@ -121,19 +123,39 @@ async def test_unknown_and_error_events_from_the_model_are_logged_never_fatal(tm
                                                            "code": "input_audio_buffer_commit_empty",
                                                            "message": "buffer empty", "event_id": None}},
         {"type": "response.created", "event_id": "event_3"},  # missing its response: invalid
+        "{not json",
+        {"type": "input_audio_buffer.speech_started", "event_id": "event_4", "audio_start_ms": 740, "item_id": "i"},
     ])
     await call_with(model, tmp_path, talk_for(1.0))
-    assert "unknown event type skipped type=response.brand_new_event" in caplog.text
-    assert "[MODEL_ERROR] buffer empty code=input_audio_buffer_commit_empty" in caplog.text
-    assert "bad event from model skipped" in caplog.text
-    assert "call ended reason=carrier_stop" in caplog.text
+    call = "call=CA" + "0" * 32
+    assert call_log(caplog) == [
+        ("INFO", f"{call} [CALL] media stream started stream=MZ{'0' * 32}"),
+        ("WARNING", f"{call} [MODEL] unknown event type skipped type=response.brand_new_event"),
+        ("ERROR", f"{call} [MODEL_ERROR] buffer empty code=input_audio_buffer_commit_empty event_id=''"),
+        ("WARNING", f"{call} [MODEL] event outside the SDK's schema, read leniently type=response.created "
+                    "why=\"1 errors, first: ('response.created', 'response') Field required\""),
+        ("ERROR", f"{call} [MODEL] bad event from model skipped type=response.created "
+                  "why='AttributeError(\"\\'LooseServerEvent\\' object has no attribute \\'response\\'\")'"),
+        ("ERROR", f"{call} [MODEL] bad event from model skipped why='malformed JSON from model: "
+                  "Expecting property name enclosed in double quotes: line 1 column 2 (char 1)'"),
+        ("INFO", f"{call} [MODEL] model heard the caller start speaking audio_start_ms=740"),
+        ("INFO", f"{call} [CALL] call ending reason=carrier_stop"),
+        ("INFO", f"{call} [CALL] call ended reason=carrier_stop"),
+    ]
+
+
+def call_log(caplog) -> list[tuple[str, str]]:
+    """The call's own log lines, with their levels."""
+    return [(record.levelname, record.getMessage()) for record in caplog.records if record.name == "callgate.call"]
 
 
 async def test_a_lost_model_link_ends_only_its_own_call(tmp_path, autojump_clock, caplog):
     caplog.set_level(logging.INFO, logger="callgate")
     failing_once = ScriptedRealtimeServer(fail_first_connections=1)
     phones = await call_with(failing_once, tmp_path, talk_for(1.0), calls=2)
-    assert caplog.text.count("model link lost, ending call") == 1
+    lost = [line for line in call_log(caplog) if "model link lost" in line[1]]
+    assert [(level, line.split("] ", 1)[1]) for level, line in lost] == [
+        ("ERROR", "model link lost, ending call why='model socket closed code=1011 scripted failure'")]
     assert caplog.text.count("call ended reason=model_link_lost") == 1
     assert caplog.text.count("call ended reason=carrier_stop") == 1
     assert sum(any(what == "server hung up" for _, what in phone.timeline.events) for phone in phones) == 1
@@ -155,15 +177,24 @@ async def test_bad_carrier_frames_are_logged_and_the_call_goes_on(tmp_path, auto
             await socket.send_message(json.dumps({"event": "media", "streamSid": "MZ1",
                                                   "media": {"payload": "AAAA", "chunk": "1"}}))
             await socket.send_message(json.dumps({"event": "dtmf", "streamSid": "MZ1", "dtmf": {"digit": "7"}}))
+            await socket.send_message(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
             await trio.sleep(0.5)
-    text = caplog.text
-    assert f"call={call_sid} [CARRIER] bad frame from carrier ignored why='malformed JSON" in text
-    assert f"call={call_sid} [CARRIER] binary frame from carrier ignored" in text
-    assert "bad 'media' frame" in text
-    assert f"call={call_sid} [INBOUND] inbound frame of unexpected size ignored bytes=3" in text
-    assert f"call={call_sid} [DTMF] caller pressed a key digit=7" in text
+    call = f"call={call_sid}"
+    # The inbound task checks frame sizes on its own schedule, so only the set of lines is fixed.
+    assert sorted(call_log(caplog)) == sorted([
+        ("INFO", f"{call} [CALL] media stream started stream=MZ1"),
+        ("ERROR", f"{call} [CARRIER] bad frame from carrier ignored why='malformed JSON from carrier: "
+                  "Expecting property name enclosed in double quotes: line 1 column 2 (char 1)'"),
+        ("ERROR", f"{call} [CARRIER] binary frame from carrier ignored (Twilio 31950)"),
+        ("ERROR", f"{call} [CARRIER] bad frame from carrier ignored why=\"bad 'media' frame: Error Only base64 data "
+                  "is allowed\""),
+        ("ERROR", f"{call} [INBOUND] inbound frame of unexpected size ignored bytes=3 chunk=1"),
+        ("INFO", f"{call} [DTMF] caller pressed a key digit=7"),
+        ("WARNING", f"{call} [CARRIER] unexpected event mid-call ignored event=Connected"),
+        ("INFO", f"{call} [CALL] call ending reason=carrier_closed"),
+        ("INFO", f"{call} [CALL] call ended reason=carrier_closed"),
+    ])
     assert any(event["type"] == "conversation.item.create" for event in model.received)
-    assert "call ended reason=carrier_closed" in text
 
 
 @pytest.mark.parametrize("token_for, encoding, why", [
@@ -199,3 +230,28 @@ async def test_a_second_stream_for_a_live_call_is_refused_and_the_first_goes_on(
     assert "call=CA1 [DTMF] caller pressed a key digit=4" in caplog.text
     assert "call=CA1 [CALL] call ended reason=carrier_closed" in caplog.text
     assert "Traceback" not in caplog.text
+
+
+async def test_a_call_live_when_the_server_stops_is_recorded_as_cancelled(tmp_path, autojump_clock, caplog):
+    caplog.set_level(logging.INFO, logger="callgate")
+    model = ScriptedRealtimeServer()
+    async with open_websocket_url_later() as connect:
+        async with serving(model, tmp_path, stream_token_secret="shared") as port:
+            socket = await connect(f"ws://127.0.0.1:{port}/media/twilio")
+            await socket.send_message(start_frame("CA1", twilio.stream_token("shared", "CA1")))
+            await trio.sleep(0.5)
+    assert ("INFO", "call=CA1 [CALL] call ending reason=cancelled") in call_log(caplog)
+    database = open_database(f"sqlite:///{tmp_path / 'calls.db'}")
+    with database.bind_ctx([Call]):
+        assert Call.get(Call.call_sid == "CA1").end_reason == "cancelled"
+    database.close()
+
+
+@asynccontextmanager
+async def open_websocket_url_later():
+    """Client sockets opened inside, closed only after the block: they outlive a server stopped within it."""
+    async with trio.open_nursery() as nursery:
+        async def connect(url: str):
+            return await connect_websocket_url(nursery, url)
+        yield connect
+        nursery.cancel_scope.cancel()

@@ -128,7 +128,8 @@ async def test_stop_is_safe_before_any_audio_between_responses_and_for_a_finishe
         playback.stop("resp_1")  # already sent in full: resp_2 plays on
         await trio.sleep(0.5)
         playback.stop("resp_2")  # cancelled while idle
-        playback.stop("resp_3")
+        await trio.sleep(0.1)
+        playback.stop("resp_3")  # nothing is playing
         chunks.send_nowait(PlayAudio("resp_4", CHUNK, "resp_4:0"))
         await trio.sleep(0.5)
         nursery.cancel_scope.cancel()

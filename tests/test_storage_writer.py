@@ -251,6 +251,7 @@ async def test_flush_after_the_writer_stopped_raises_instead_of_waiting_forever(
 
 async def test_a_call_naming_an_unknown_business_keeps_its_records(writer, caplog):
     caplog.set_level(logging.INFO, logger="storage.writer")
+    Business.create(name="Acme", created_at=utc_now())  # some business exists, just not the one named
     started, *rest = simulated_call("CAbiz")
     writer.submit(CallStarted(started.call_sid, started.stream_sid, started.from_number, started.to_number, 999,
                               started.started_at))
@@ -260,7 +261,8 @@ async def test_a_call_naming_an_unknown_business_keeps_its_records(writer, caplo
     call = Call.get(Call.call_sid == "CAbiz")
     assert call.business_id is None and call.end_reason == "caller_hung_up"
     assert CallEvent.select().where(CallEvent.call == call).count() == 3
-    assert "call=CAbiz [STORAGE] call names an unknown business" in "\n".join(storage_log_lines(caplog, logging.WARNING))
+    assert storage_log_lines(caplog, logging.WARNING) == [
+        "call=CAbiz [STORAGE] call names an unknown business; stored without one business_id=999"]
 
 
 def test_the_backoff_doubles_from_half_a_second_up_to_ten():

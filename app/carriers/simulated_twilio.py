@@ -13,7 +13,7 @@ import base64
 import json
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Mapping
 from urllib.parse import urlencode, urlsplit
 
 import h11
@@ -163,13 +163,14 @@ class SimulatedPhone:
         return np.concatenate((played, np.zeros(FRAME_SAMPLES - len(played), dtype=np.int16))), marks_played
 
 
-async def post_voice_webhook(host: str, port: int, form: dict[str, str]) -> str:
+async def post_voice_webhook(host: str, port: int, form: dict[str, str], query: Mapping[str, str]) -> str:
     """POST Twilio's voice webhook to our server and return the TwiML body."""
     body = urlencode(form).encode()
     client = h11.Connection(h11.CLIENT)
     stream = await trio.open_tcp_stream(host, port)
+    target = "/twilio/voice" + (f"?{urlencode(query)}" if query else "")
     async with stream:
-        request = h11.Request(method="POST", target="/twilio/voice", headers=[
+        request = h11.Request(method="POST", target=target, headers=[
             ("Host", f"{host}:{port}"), ("Content-Type", "application/x-www-form-urlencoded"),
             ("Content-Length", str(len(body))), ("Connection", "close")])
         await stream.send_all(client.send(request) + client.send(h11.Data(data=body)) + client.send(h11.EndOfMessage()))
@@ -198,9 +199,12 @@ def stream_from_twiml(twiml: str) -> tuple[str, dict[str, str]]:
 CallerScript = Callable[[SimulatedPhone, Callable[[], float]], Awaitable[None]]
 
 
-async def run_phone_call(host: str, port: int, call_sid: str, script: CallerScript, phone: SimulatedPhone) -> None:
-    """Place one call: webhook, media stream with 20 ms real-time frames, `script` speaking, then `stop`."""
-    twiml = await post_voice_webhook(host, port, {"CallSid": call_sid, "From": "+15550001111", "To": "+15550002222"})
+async def run_phone_call(host: str, port: int, call_sid: str, script: CallerScript, phone: SimulatedPhone,
+                         *, call_options: Mapping[str, str] | None = None) -> None:
+    """Place one call: webhook (its URL carrying `call_options`, as a number's webhook URL may), media stream
+    with 20 ms real-time frames, `script` speaking, then `stop`."""
+    twiml = await post_voice_webhook(host, port, {"CallSid": call_sid, "From": "+15550001111", "To": "+15550002222"},
+                                     call_options or {})
     path, parameters = stream_from_twiml(twiml)
     stream_sid = "MZ" + call_sid[2:]
     started_at = trio.current_time()
