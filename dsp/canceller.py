@@ -17,6 +17,7 @@ import numpy as np
 import scipy.fft
 
 from dsp.history import RowHistory
+from dsp.level import energy_ratio
 
 try:
     # The compiled transform behind scipy.fft: on 160 samples its dispatch layer costs more than the transform.
@@ -91,15 +92,15 @@ class SpectralEchoCanceller:
         lead_samples: int = 3,
         fit_db: float = 10.0,
     ) -> None:
-        self.band_margin = 10.0 ** (band_margin_db / 10.0)
-        self.residual_margin = 10.0 ** (residual_margin_db / 10.0)
+        self.band_margin = energy_ratio(band_margin_db)
+        self.residual_margin = energy_ratio(residual_margin_db)
         self.min_caller_bands = min_caller_bands
-        self.fit_ratio = 10.0 ** (fit_db / 10.0)
-        self.quantization_fraction = 10.0 ** (-quantization_loss_db / 10.0)
+        self.fit_ratio = energy_ratio(fit_db)
+        self.quantization_fraction = energy_ratio(-quantization_loss_db)
         self.min_active_frames = min_active_frames
         self.smoothing = smoothing
         self.gain_quantile = gain_quantile
-        self.regularisation = 10.0 ** (regularisation_db / 10.0)
+        self.regularisation = energy_ratio(regularisation_db)
         self.refine_span_samples = refine_span_samples
         self.refine_search_samples = refine_search_samples
         self.measure_every_frames = measure_every_frames

@@ -21,7 +21,7 @@ import numpy as np
 from dsp.canceller import SpectralEchoCanceller
 from dsp.echo_bound import EchoBound
 from dsp.history import RowHistory
-from dsp.level import NoiseFloorTracker
+from dsp.level import NoiseFloorTracker, energy_ratio
 
 FRAME_SAMPLES = 160
 BLOCK_SAMPLES = 40
@@ -30,6 +30,48 @@ BLOCK_MS = 5.0
 GATE_MODES = ("reference", "rms")
 ENVELOPE_FLOOR_ENERGY = 100.0
 """Added to block energies before taking logs: 20 dB below the quietest line noise worth tracking."""
+
+# The reference gate's tuning, measured by scripts/vad_eval.py over lines from no echo to 6 dB.
+MAX_DELAY_BLOCKS = round(300.0 / BLOCK_MS)
+"""Echo delays searched: G.168's 300 ms covers the network and the carrier's buffers."""
+DEFAULT_ECHO_RETURN_LOSS_DB = 6.0
+"""G.168's worst-case hybrid, assumed until the line shows better."""
+DEFAULT_ECHO_GAIN = energy_ratio(-DEFAULT_ECHO_RETURN_LOSS_DB)
+MARGIN = energy_ratio(2.5)
+"""How far above the predicted echo and noise a frame must be to count as the caller."""
+CLEAR_MARGIN = energy_ratio(10.0)
+"""Far enough above the echo at a confirmed delay to pass without the spectral test."""
+NOISE_MARGIN = energy_ratio(6.0)
+"""Above the line's noise floor: below it a frame is never the caller."""
+SPREAD_BLOCKS = round(5.0 / BLOCK_MS)
+"""Estimates this close in delay agree."""
+JITTER_BLOCKS = round(50.0 / BLOCK_MS)
+"""How far network jitter may move the delay between talkspurts."""
+FAR_GAP_BLOCKS = round(300.0 / BLOCK_MS)
+"""A far-end silence this long may have moved the delay."""
+WINDOW_BLOCKS = round(1000.0 / BLOCK_MS)
+"""The envelopes correlated for one estimate."""
+WINDOW_FRAMES = WINDOW_BLOCKS // BLOCKS_PER_FRAME
+SHORTEST_WINDOW_BLOCKS = round(300.0 / BLOCK_MS)
+"""The least of a talkspurt an estimate is made on."""
+ESTIMATE_EVERY_FRAMES = 50
+"""Estimate once a second on a settled line..."""
+SEARCH_EVERY_FRAMES = 5
+"""...and every 100 ms while the path is unknown or unconfirmed."""
+MIN_CORRELATION = 0.6
+"""A weaker envelope correlation places no delay."""
+DOUBLE_TALK_FRAMES = 0.2 * WINDOW_FRAMES
+"""More of the window accepted than this: the caller talked, and estimates are not believed."""
+SUSPECT_FRAMES = 0.6 * WINDOW_FRAMES
+"""More than this: a line that changed is likelier than a caller talking that long."""
+EDGE_RATIO = energy_ratio(6.0)
+"""A frame whose far end rose or fell this much around the delay is at a word's edge."""
+CONFIRM_FRAMES = 3
+"""Frames the canceller must keep cancelling to confirm a delay after a far-end silence."""
+QUIET_LINE_GAIN = energy_ratio(-30.0)
+"""A bound below this at every delay: a line with no echo to search for."""
+DELAY_STEPS = MAX_DELAY_BLOCKS + JITTER_BLOCKS + 1
+HISTORY_BLOCKS = WINDOW_BLOCKS + MAX_DELAY_BLOCKS + JITTER_BLOCKS + BLOCKS_PER_FRAME
 
 _BLOCK_STARTS = np.arange(0, 2 * FRAME_SAMPLES, BLOCK_SAMPLES)
 _FRAME_OF_BLOCKS = np.full(BLOCKS_PER_FRAME, 1.0 / BLOCKS_PER_FRAME)
@@ -58,7 +100,7 @@ class _EnergyGate:
 class RmsEchoGate(_EnergyGate):
     """While the bot is audible, accept only frames at least `min_rms` loud; otherwise accept all."""
 
-    def __init__(self, min_rms: float = 200.0) -> None:
+    def __init__(self, min_rms: float) -> None:
         self.min_rms = min_rms
         self.min_energy = min_rms**2
 
@@ -130,72 +172,30 @@ class ReferenceEchoGate(_EnergyGate):
     line may return there: G.168's worst case (6 dB return loss) until far-end audio has shown
     otherwise. Once an echo path is adopted (two estimates in a row agree on its delay, or one finds
     a far louder echo near the known delay while the caller seems to talk), a frame
-    `clear_margin_db` above the echo at that delay is accepted at once; otherwise the spectral
+    CLEAR_MARGIN above the echo at that delay is accepted at once; otherwise the spectral
     canceller decides on its residual. After a far-end silence the delay is unconfirmed (network
-    jitter may have moved it): the echo is then predicted `jitter_ms` either side of it, broadband,
+    jitter may have moved it): the echo is then predicted JITTER_BLOCKS either side of it, broadband,
     and the frame must also reach `min_rms`, until the canceller still cancels at the delay for
-    `confirm_frames` frames or an estimate places it again. The reference
+    CONFIRM_FRAMES frames or an estimate places it again. The reference
     tells more than `bot_audible`, which is unused.
     """
 
-    def __init__(
-        self,
-        min_rms: float = 200.0,
-        max_delay_ms: float = 300.0,
-        default_echo_return_loss_db: float = 6.0,
-        margin_db: float = 2.5,
-        clear_margin_db: float = 10.0,
-        noise_margin_db: float = 6.0,
-        delay_spread_ms: float = 5.0,
-        jitter_ms: float = 50.0,
-        far_gap_ms: float = 300.0,
-        window_ms: float = 1000.0,
-        estimate_every_frames: int = 50,
-        search_every_frames: int = 5,
-        min_correlation: float = 0.6,
-        double_talk_fraction: float = 0.2,
-        suspect_fraction: float = 0.6,
-        edge_db: float = 6.0,
-        shortest_window_ms: float = 300.0,
-        confirm_frames: int = 3,
-        quiet_line_db: float = -30.0,
-    ) -> None:
+    def __init__(self, min_rms: float) -> None:
         self.min_energy = min_rms**2
-        self.max_delay_blocks = int(round(max_delay_ms / BLOCK_MS))
-        self.spread_blocks = int(round(delay_spread_ms / BLOCK_MS))
-        self.jitter_blocks = int(round(jitter_ms / BLOCK_MS))
-        self.far_gap_blocks = int(round(far_gap_ms / BLOCK_MS))
-        self.window_blocks = int(round(window_ms / BLOCK_MS))
-        self.window_frames = self.window_blocks // BLOCKS_PER_FRAME
-        self.estimate_every_frames = estimate_every_frames
-        self.search_every_frames = search_every_frames
-        self.min_correlation = min_correlation
-        self.margin = 10.0 ** (margin_db / 10.0)
-        self.clear_margin = 10.0 ** (clear_margin_db / 10.0)
-        self.noise_margin = 10.0 ** (noise_margin_db / 10.0)
-        self.default_echo_gain = 10.0 ** (-default_echo_return_loss_db / 10.0)
         self.path: EchoPath | None = None
         self.last_estimate: tuple[int, float] | None = None
         self.noise_floor = NoiseFloorTracker()
-        self.frames_until_estimate = estimate_every_frames
-        self.delay_steps = self.max_delay_blocks + self.jitter_blocks + 1
+        self.frames_until_estimate = ESTIMATE_EVERY_FRAMES
         # Block energies of near (row 0) and far (row 1).
-        history_blocks = self.window_blocks + self.max_delay_blocks + self.jitter_blocks + BLOCKS_PER_FRAME
-        self.blocks = RowHistory(2, history_blocks)
-        self.blocks_since_far_audio = history_blocks
+        self.blocks = RowHistory(2, HISTORY_BLOCKS)
+        self.blocks_since_far_audio = HISTORY_BLOCKS
         self.blocks_since_far_start = 0
-        self.shortest_window_blocks = int(round(shortest_window_ms / BLOCK_MS))
-        self.confirm_frames = confirm_frames
-        self.quiet_line_gain = 10.0 ** (quiet_line_db / 10.0)
         self.fitting_frames = 0
-        self.double_talk_frames = double_talk_fraction * self.window_frames
-        self.suspect_frames = suspect_fraction * self.window_frames
-        self.edge_ratio = 10.0 ** (edge_db / 10.0)
         # Which of the window's frames the gate accepted: estimates over the caller's voice can mislead.
-        self.accepted_frames: deque[bool] = deque([False] * self.window_frames, maxlen=self.window_frames)
+        self.accepted_frames: deque[bool] = deque([False] * WINDOW_FRAMES, maxlen=WINDOW_FRAMES)
         self.accepted_count = 0
-        self.canceller = SpectralEchoCanceller(history_samples=(history_blocks + BLOCKS_PER_FRAME) * BLOCK_SAMPLES)
-        self.bound = EchoBound(self.delay_steps, prior_gain_db=-default_echo_return_loss_db)
+        self.canceller = SpectralEchoCanceller(history_samples=(HISTORY_BLOCKS + BLOCKS_PER_FRAME) * BLOCK_SAMPLES)
+        self.bound = EchoBound(DELAY_STEPS, prior_gain_db=-DEFAULT_ECHO_RETURN_LOSS_DB)
 
     @property
     def echo_return_loss_db(self) -> float | None:
@@ -211,54 +211,54 @@ class ReferenceEchoGate(_EnergyGate):
         self.canceller.push(near_and_far)
         near_energy = float(energies[0].sum()) * (1.0 / BLOCKS_PER_FRAME)
         noise_energy = self.noise_floor.update(math.sqrt(near_energy)) ** 2
-        if self.blocks_since_far_audio >= self.delay_steps + BLOCKS_PER_FRAME:
+        if self.blocks_since_far_audio >= DELAY_STEPS + BLOCKS_PER_FRAME:
             self._count(False)
-            return near_energy > self.noise_margin * noise_energy
-        far_by_delay = self._far_frame_energies(self.delay_steps)[::-1]
+            return near_energy > NOISE_MARGIN * noise_energy
+        far_by_delay = self._far_frame_energies(DELAY_STEPS)[::-1]
         accepted = self._accepts(near_and_far[0], near_energy, noise_energy, far_by_delay)
         self._count(accepted)
         if self.path is None and not accepted:
             # The bound stands in for a measured path only: once one is adopted it is never consulted again.
             # The caller's voice is no evidence of echo.
             self.bound.learn(near_energy, noise_energy, far_by_delay)
-        if self.accepted_count > self.suspect_frames and self.canceller.ready:
+        if self.accepted_count > SUSPECT_FRAMES and self.canceller.ready:
             # Most of a second taken for the caller: more likely the line changed than a caller this long.
             self.canceller.suspend()
         if accepted:
             # The caller over the bot, or an echo louder than we thought: look at the echo path soon.
-            self.frames_until_estimate = min(self.frames_until_estimate, self.search_every_frames)
+            self.frames_until_estimate = min(self.frames_until_estimate, SEARCH_EVERY_FRAMES)
         return accepted
 
     def _accepts(self, near: np.ndarray, near_energy: float, noise_energy: float, far_by_delay: np.ndarray) -> bool:
-        if near_energy <= self.noise_margin * noise_energy:
+        if near_energy <= NOISE_MARGIN * noise_energy:
             return False
         path = self.path
         if path is None:
-            return near_energy > self.margin * (self.bound.predicted_echo(far_by_delay) + noise_energy)
+            return near_energy > MARGIN * (self.bound.predicted_echo(far_by_delay) + noise_energy)
         canceller = self.canceller
         if not path.confirmed and canceller.ready:
             # The filter still removing most of each frame at the old delay: the delay has not moved.
             canceller.observe(near)
             self.fitting_frames = self.fitting_frames + 1 if canceller.cancels_most() else 0
-            if self.fitting_frames >= self.confirm_frames:
+            if self.fitting_frames >= CONFIRM_FRAMES:
                 path = self.path = dataclasses.replace(path, confirmed=True)
-        spread = self.spread_blocks if path.confirmed else self.jitter_blocks
+        spread = SPREAD_BLOCKS if path.confirmed else JITTER_BLOCKS
         shortest = max(0, path.delay_blocks - spread)
         broadband_echo = path.gain * float(far_by_delay[shortest:path.delay_blocks + spread + 1].max())
         if not path.confirmed:
-            return near_energy >= self.min_energy and near_energy > self.margin * broadband_echo
+            return near_energy >= self.min_energy and near_energy > MARGIN * broadband_echo
         # Far above the echo broadband, the residual needs no look; the spectral test is the costly one.
-        if near_energy > self.clear_margin * broadband_echo:
+        if near_energy > CLEAR_MARGIN * broadband_echo:
             return True
         canceller.observe(near)
         # A frame echoing the far end's start or end of a word is cancelled poorly: judge it broadband.
         delay = path.delay_blocks
         at_edge = float(far_by_delay[max(0, delay - BLOCKS_PER_FRAME):delay + BLOCKS_PER_FRAME + 1].max()) > (
-            self.edge_ratio * float(far_by_delay[delay]))
+            EDGE_RATIO * float(far_by_delay[delay]))
         if canceller.ready and not at_edge:
             if canceller.shows_caller(noise_energy, near_energy):
                 return True
-        elif near_energy >= self.min_energy and near_energy > self.margin * broadband_echo:
+        elif near_energy >= self.min_energy and near_energy > MARGIN * broadband_echo:
             return True
         canceller.learn()
         return False
@@ -278,13 +278,13 @@ class ReferenceEchoGate(_EnergyGate):
     def _push(self, energies: np.ndarray) -> None:
         self.blocks.append(energies)
         if energies[1].max() > 0.0:
-            if self.blocks_since_far_audio >= self.far_gap_blocks:
+            if self.blocks_since_far_audio >= FAR_GAP_BLOCKS:
                 self.blocks_since_far_start = 0
                 if self.path is not None:
                     self.path = dataclasses.replace(self.path, confirmed=False)
                     self.fitting_frames = 0
                     # Confirm the delay as soon as there is enough of the new talkspurt to place it.
-                    self.frames_until_estimate = self.shortest_window_blocks // BLOCKS_PER_FRAME
+                    self.frames_until_estimate = SHORTEST_WINDOW_BLOCKS // BLOCKS_PER_FRAME
             self.blocks_since_far_audio = 0
         else:
             self.blocks_since_far_audio += BLOCKS_PER_FRAME
@@ -294,21 +294,21 @@ class ReferenceEchoGate(_EnergyGate):
             # Until a path is adopted and confirmed, estimate often: the gate is at its bluntest then.
             # A line the bound has shown to be quiet at every delay has no path to find meanwhile.
             path = self.path
-            settled = path.confirmed if path is not None else self.bound.loudest_gain < self.quiet_line_gain
-            self.frames_until_estimate = self.estimate_every_frames if settled else self.search_every_frames
-            if self.blocks_since_far_audio < self.window_blocks and self.blocks_since_far_start >= self.shortest_window_blocks:
+            settled = path.confirmed if path is not None else self.bound.loudest_gain < QUIET_LINE_GAIN
+            self.frames_until_estimate = ESTIMATE_EVERY_FRAMES if settled else SEARCH_EVERY_FRAMES
+            if self.blocks_since_far_audio < WINDOW_BLOCKS and self.blocks_since_far_start >= SHORTEST_WINDOW_BLOCKS:
                 self._estimate()
 
     def _estimate(self) -> None:
         # Only what followed the far end's last start: earlier audio may be the caller talking into a silence.
-        window_blocks = min(self.window_blocks, self.blocks_since_far_start)
-        far_envelope = self._far_frame_energies(window_blocks + self.max_delay_blocks)
+        window_blocks = min(WINDOW_BLOCKS, self.blocks_since_far_start)
+        far_envelope = self._far_frame_energies(window_blocks + MAX_DELAY_BLOCKS)
         near_envelope = self._frame_energies(0, window_blocks)
         # Floor the far envelope where its echo would sink into the line noise, as the near one does:
         # otherwise the far end's quiet starts are seen before their echoes and bias the delay long.
-        gain = self.default_echo_gain if self.path is None else self.path.gain
+        gain = DEFAULT_ECHO_GAIN if self.path is None else self.path.gain
         far_floor_energy = max(ENVELOPE_FLOOR_ENERGY, (self.noise_floor.floor_rms or 0.0) ** 2 / gain)
-        estimate = estimate_echo_path(near_envelope, far_envelope, self.min_correlation, far_floor_energy)
+        estimate = estimate_echo_path(near_envelope, far_envelope, MIN_CORRELATION, far_floor_energy)
         previous, self.last_estimate = self.last_estimate, estimate
         if estimate is None:
             return
@@ -318,9 +318,9 @@ class ReferenceEchoGate(_EnergyGate):
             # Louder than the far end: the caller, not echo.
             self.last_estimate = None
             return
-        near_known_delay = path is not None and abs(delay_blocks - path.delay_blocks) <= self.jitter_blocks
-        agrees_with_previous = previous is not None and abs(delay_blocks - previous[0]) <= self.spread_blocks
-        if path is not None and self.accepted_count > self.double_talk_frames:
+        near_known_delay = path is not None and abs(delay_blocks - path.delay_blocks) <= JITTER_BLOCKS
+        agrees_with_previous = previous is not None and abs(delay_blocks - previous[0]) <= SPREAD_BLOCKS
+        if path is not None and self.accepted_count > DOUBLE_TALK_FRAMES:
             # Much of the window passed as the caller: a louder echo near the delay we know (a speakerphone
             # switched on) is believed at once, over all the delays it may be at; nothing else is. With no
             # path yet, what passes may be echo the bound did not expect, so an echo placed twice still counts.
@@ -335,7 +335,7 @@ class ReferenceEchoGate(_EnergyGate):
 
     def _adopt(self, path: EchoPath) -> None:
         previous = self.path
-        if previous is not None and abs(path.delay_blocks - previous.delay_blocks) <= self.spread_blocks:
+        if previous is not None and abs(path.delay_blocks - previous.delay_blocks) <= SPREAD_BLOCKS:
             # At the same delay the echo gain falls by at most 3 dB an estimate: a coloured echo path
             # returns a different share of each stretch of speech, and the estimate swings with it.
             path = dataclasses.replace(path, gain=max(path.gain, previous.gain / 2.0))

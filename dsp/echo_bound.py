@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from dsp.level import energy_ratio
+
 
 class EchoBound:
     """Upper bounds on the echo's energy gain at delays of 0..`delay_count - 1` steps."""
@@ -29,7 +31,7 @@ class EchoBound:
         floor_fraction: float = 0.05,
         refresh_every_frames: int = 5,
     ) -> None:
-        self.prior_gain = 10.0 ** (prior_gain_db / 10.0)
+        self.prior_gain = energy_ratio(prior_gain_db)
         self.gain = np.full(delay_count, self.prior_gain)
         # Per frame of the window and delay: the far energy that counts as evidence, and the line's excess then.
         self.far = np.zeros((window_frames, delay_count))
@@ -38,9 +40,9 @@ class EchoBound:
         self.row = 0
         self.min_evidence_frames = min_evidence_frames
         # Evidence only from far-end frames whose echo at the worst case would stand over the noise.
-        self.visible_far = 10.0 ** (visible_db / 10.0) / self.prior_gain
-        self.headroom = 10.0 ** (headroom_db / 10.0)
-        self.rise = 10.0 ** (rise_db_per_frame * refresh_every_frames / 10.0)
+        self.visible_far = energy_ratio(visible_db) / self.prior_gain
+        self.headroom = energy_ratio(headroom_db)
+        self.rise = energy_ratio(rise_db_per_frame * refresh_every_frames)
         self.floor_fraction = floor_fraction
         self.refresh_every_frames = refresh_every_frames
 

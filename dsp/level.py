@@ -11,6 +11,11 @@ SILENCE_DBFS = -120.0
 """What dbfs() reports for digital silence, instead of minus infinity."""
 
 
+def energy_ratio(db: float) -> float:
+    """The energy (power) ratio of `db` decibels."""
+    return 10.0 ** (db / 10.0)
+
+
 def rms(frame: np.ndarray) -> float:
     """Root mean square of int16 samples, on the int16 scale (0..32768)."""
     samples = np.asarray(frame, dtype=np.float64)

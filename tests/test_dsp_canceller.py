@@ -83,7 +83,7 @@ def test_refine_delay_finds_the_lag_of_speech_to_the_sample(speech_clip, lag_sam
 
 
 def run_gate(near: np.ndarray, far: np.ndarray) -> ReferenceEchoGate:
-    gate = ReferenceEchoGate()
+    gate = ReferenceEchoGate(min_rms=200.0)
     for near_frame, far_frame in zip(frames(near), frames(far)):
         gate.accepts(near_frame, far_frame, bot_audible=True)
     return gate
@@ -121,7 +121,7 @@ def test_echo_alone_hardly_passes_once_the_bands_are_measured_and_never_fires(sp
     far = np.concatenate([far, far])
     near = simulate_echo(far, delay_ms, 6.0, **hybrid) + line_noise(len(far), NOISE_RMS, np.random.default_rng(2))
     near, far = to_int16(near), to_int16(far)
-    gate = ReferenceEchoGate()
+    gate = ReferenceEchoGate(min_rms=200.0)
     passed_after_measuring = []
     for near_frame, far_frame in zip(frames(near), frames(far)):
         measured = gate.canceller.ready

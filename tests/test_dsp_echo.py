@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from app.clips import load_wav
-from dsp.echo import ReferenceEchoGate, RmsEchoGate, make_echo_gate
+from dsp.echo import ReferenceEchoGate, RmsEchoGate, estimate_echo_path, make_echo_gate
 from dsp.echo_bound import EchoBound
 from dsp.echo_path import active_speech_rms, line_noise, simulate_echo, to_int16
 from dsp.g711 import ulaw_decode, ulaw_encode
@@ -61,7 +61,7 @@ def test_the_seed_rule_lets_loud_echo_through(speech_clip):
 
 def test_reference_gate_measures_the_echo_path(speech_clip):
     near, far = echo_call(speech_clip("bot_answer_en.wav"), 120.0, 10.0, seed=2)
-    gate = ReferenceEchoGate()
+    gate = ReferenceEchoGate(min_rms=200.0)
     for near_frame, far_frame in zip(frames(near), frames(far)):
         gate.accepts(near_frame, far_frame, bot_audible=True)
     assert gate.echo_delay_ms == pytest.approx(120.0, abs=5.0)
@@ -108,7 +108,7 @@ def test_a_loud_click_never_fires_an_onset(speech_clip, during_echo):
 
 
 def test_with_no_far_end_audio_the_reference_gate_judges_only_against_line_noise(speech_clip):
-    gate = ReferenceEchoGate()
+    gate = ReferenceEchoGate(min_rms=200.0)
     silence = np.zeros(FRAME, dtype=np.int16)
     noise = to_int16(line_noise(FRAME * 50, NOISE_RMS, np.random.default_rng(6)))
     assert not any(gate.accepts(frame, silence, bot_audible=True) for frame in frames(noise))
@@ -175,7 +175,7 @@ def test_on_a_line_without_echo_a_caller_10_db_under_a_loud_bot_fires_at_the_flo
 def test_a_greeting_without_echo_teaches_the_gate_there_is_none(speech_clip):
     greeting = speech_clip("bot_greeting_en.wav").astype(np.float64)
     near = to_int16(line_noise(len(greeting), NOISE_RMS, np.random.default_rng(8)))
-    gate = ReferenceEchoGate()
+    gate = ReferenceEchoGate(min_rms=200.0)
     assert gate.bound.gain_db.max() == pytest.approx(-6.0)
     for near_frame, far_frame in zip(frames(near), frames(to_int16(greeting))):
         gate.accepts(near_frame, far_frame, bot_audible=True)
@@ -222,7 +222,7 @@ def test_a_long_caller_over_the_bot_on_a_clean_line_is_no_evidence_of_echo(speec
     for repeat in range(3):
         at = start + repeat * len(caller)
         near[at:at + len(caller)] += caller[: len(near) - at]
-    gate = ReferenceEchoGate()
+    gate = ReferenceEchoGate(min_rms=200.0)
     for near_frame, far_frame in zip(frames(to_int16(near)), frames(to_int16(bot))):
         gate.accepts(near_frame, far_frame, bot_audible=True)
     # Seconds of the caller's voice while the bot spoke: neither an echo path nor a raised bound came of it.
@@ -244,7 +244,7 @@ def greeting_then_answer(speech_clip, greeting_delay_ms: float, answer_delay_ms:
 
 
 def frames_until_confirmed(near: np.ndarray, far: np.ndarray, answer_frame: int) -> tuple[int | None, ReferenceEchoGate]:
-    gate = ReferenceEchoGate()
+    gate = ReferenceEchoGate(min_rms=200.0)
     for index, (near_frame, far_frame) in enumerate(zip(frames(near), frames(far))):
         gate.accepts(near_frame, far_frame, bot_audible=True)
         if index > answer_frame and gate.path is not None and gate.path.confirmed:
@@ -329,7 +329,7 @@ def test_a_caller_echoing_the_bots_words_on_a_clean_line_is_not_taken_for_an_ech
     near = line_noise(len(far), NOISE_RMS, np.random.default_rng(17))
     start, delay = 4 * 8000, 1200
     near[start:start + 6000] += 0.7 * far[start - delay:start - delay + 6000]
-    gate = ReferenceEchoGate()
+    gate = ReferenceEchoGate(min_rms=200.0)
     for near_frame, far_frame in zip(frames(to_int16(near)), frames(to_int16(far))):
         gate.accepts(near_frame, far_frame, bot_audible=True)
     assert gate.echo_delay_ms is None
@@ -342,7 +342,7 @@ def test_seconds_of_double_talk_on_an_echoing_line_leave_its_echo_path_alone(spe
     near = simulate_echo(bot, 120.0, 10.0) + line_noise(len(bot), NOISE_RMS, np.random.default_rng(18))
     start = 4 * 8000
     near[start:start + len(caller)] += caller[: len(near) - start]
-    gate = ReferenceEchoGate()
+    gate = ReferenceEchoGate(min_rms=200.0)
     paths = []
     for index, (near_frame, far_frame) in enumerate(zip(frames(to_int16(near)), frames(to_int16(bot)))):
         gate.accepts(near_frame, far_frame, bot_audible=True)
@@ -351,3 +351,51 @@ def test_seconds_of_double_talk_on_an_echoing_line_leave_its_echo_path_alone(spe
     # Whatever the caller's voice correlates with, the delay and the echo's level stay what the line showed.
     assert all(path is not None and abs(path.delay_blocks * 5.0 - 120.0) <= 10.0 for path in paths)
     assert all(abs(10.0 * np.log10(path.gain) + 10.0) <= 3.0 for path in paths)
+
+
+def speech_like_envelope(blocks: int, seed: int) -> np.ndarray:
+    """Block energies that come and go as speech does: talkspurts of varying level and silent gaps."""
+    rng = np.random.default_rng(seed)
+    levels = np.repeat(rng.uniform(1e3, 1e7, blocks // 10 + 1), 10)[:blocks]
+    return levels * (rng.uniform(size=blocks) < 0.8) * rng.uniform(0.5, 1.5, blocks)
+
+
+@pytest.mark.parametrize("delay_blocks", [0, 7, 33, 60])
+def test_the_echo_path_is_placed_at_its_delay_with_its_gain(delay_blocks):
+    far = speech_like_envelope(260, seed=delay_blocks)
+    near = 0.05 * far[60 - delay_blocks:260 - delay_blocks]
+    assert estimate_echo_path(near, far, 0.6) == (delay_blocks, pytest.approx(0.05))
+
+
+def test_the_echo_gain_is_the_upper_quartile_of_the_block_ratios():
+    far = speech_like_envelope(260, seed=1)
+    gains = np.tile([0.01, 0.02, 0.03, 0.04], 50)
+    delay, gain = estimate_echo_path(gains * far[50:250], far, 0.6)
+    assert delay == 10 and gain == pytest.approx(0.04)
+
+
+def test_no_echo_path_is_placed_from_a_flat_far_end_or_an_unrelated_near_end():
+    far = speech_like_envelope(260, seed=2)
+    assert estimate_echo_path(0.05 * far[30:230], np.full(260, 5e4), 0.6) is None
+    assert estimate_echo_path(speech_like_envelope(200, seed=3), far, 0.6) is None
+
+
+def test_no_echo_path_is_placed_when_the_far_end_spoke_in_under_a_fifth_of_the_window():
+    bursts = 1e6 * np.random.default_rng(4).uniform(0.5, 1.5, 50)
+    far = np.zeros(260)
+    far[100:130] = bursts[:30]  # 30 active blocks of the aligned 200: 15 %
+    assert estimate_echo_path(0.05 * far[60:260], far, 0.6) is None
+    far[100:150] = bursts  # 25 %
+    assert estimate_echo_path(0.05 * far[60:260], far, 0.6) == (0, pytest.approx(0.05))
+
+
+def test_the_accepted_count_is_the_number_of_frames_accepted_in_the_last_second(speech_clip):
+    bot = speech_clip("bot_answer_en.wav")
+    caller = 0.5 * speech_clip("caller_question_en.wav")
+    near, far = echo_call(bot, 60.0, 20.0, seed=11, caller=caller, caller_at_s=1.0)
+    gate = ReferenceEchoGate(min_rms=200.0)
+    history = []
+    for near_frame, far_frame in zip(frames(near), frames(far)):
+        history.append(gate.accepts(near_frame, far_frame, True))
+        assert gate.accepted_count == sum(history[-50:])
+    assert max(sum(history[end - 50:end]) for end in range(50, len(history))) > 10

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from dsp.level import SILENCE_DBFS, NoiseFloorTracker, dbfs, rms
+from dsp.level import SILENCE_DBFS, NoiseFloorTracker, dbfs, energy_ratio, rms
 
 
 def test_rms_of_a_constant_is_its_magnitude():
@@ -47,3 +47,8 @@ def test_noise_floor_never_sticks_at_digital_silence():
     tracker = NoiseFloorTracker(min_floor_rms=1.0)
     assert tracker.update(0.0) == 1.0
     assert tracker.update(500.0) > 1.0
+
+
+def test_decibels_become_energy_ratios():
+    assert [energy_ratio(db) for db in (0.0, 10.0, -30.0)] == [1.0, 10.0, pytest.approx(0.001)]
+    assert energy_ratio(3.0) == pytest.approx(1.9953, abs=1e-4)
