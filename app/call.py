@@ -110,7 +110,7 @@ class CallSession:
         # Record times come from trio's monotonic clock, anchored once: a wall-clock step mid-call moves no record.
         self._clock_anchor = (trio.current_time(), datetime.now(timezone.utc))
 
-    def log(self, tag: str, message: str = "", *, level: int = logging.INFO, **fields: object) -> None:
+    def log(self, tag: str, message: str, *, level: int = logging.INFO, **fields: object) -> None:
         log_event(logger, self.call_sid, tag, message, level=level, **fields)
 
     async def run(self, carrier: WebSocketConnection, model: WebSocketConnection) -> str:

@@ -157,6 +157,8 @@ async def test_after_a_barge_in_the_reply_to_the_caller_is_heard_in_full(setting
     assert len(report.timeline.clear_frames) == 1
     cleared = report.timeline.clear_frames[0]
     assert cleared - caller.talked_over_frame <= 8  # the onset and a frame or two
+    # Nothing more of the stopped answer: silence while the caller goes on talking.
+    assert bot_frames(report, cleared + 1, caller.talked_over_frame + len(caller.interrupt) // 160) == 0
     # The next response plays after the clear: its audio is not taken for the stopped one's.
     assert bot_frames(report, cleared + 5) >= 50
     database = open_database(settings.database_url)

@@ -399,3 +399,55 @@ def test_the_accepted_count_is_the_number_of_frames_accepted_in_the_last_second(
         history.append(gate.accepts(near_frame, far_frame, True))
         assert gate.accepted_count == sum(history[-50:])
     assert max(sum(history[end - 50:end]) for end in range(50, len(history))) > 10
+
+
+def estimate_frames(gate: ReferenceEchoGate, near: np.ndarray, far: np.ndarray) -> tuple[list[int], list]:
+    """The frames on which the gate estimated the echo path, and its path after each frame."""
+    estimated, paths = [], []
+    estimate = gate._estimate
+
+    def counted() -> None:
+        estimated.append(len(paths))
+        estimate()
+
+    gate._estimate = counted
+    for near_frame, far_frame in zip(frames(near), frames(far)):
+        gate.accepts(near_frame, far_frame, True)
+        paths.append(gate.path)
+    return estimated, paths
+
+
+def test_the_path_is_searched_every_100_ms_until_placed_then_checked_once_a_second(speech_clip):
+    answer = speech_clip("bot_answer_en.wav")
+    gap = np.zeros(4000, dtype=answer.dtype)  # 0.5 s: the delay may have moved meanwhile
+    bot = np.concatenate([answer, gap, speech_clip("bot_greeting_en.wav")])
+    near, far = echo_call(bot, 60.0, 20.0, seed=3)
+    estimated, paths = estimate_frames(ReferenceEchoGate(min_rms=200.0), near, far)
+    talkspurt = (len(answer) + len(gap)) // FRAME
+    # The first second fills the window; two agreeing estimates 100 ms apart place the path.
+    assert estimated[:3] == [49, 54, 59] and paths[53] is None and paths[54].confirmed
+    # Settled: once a second, until the far end's silence, then 300 ms into the next talkspurt, then once a second.
+    assert estimated[3:] == [*range(109, talkspurt, 50), *range(talkspurt + 14, len(paths), 50)]
+    assert not paths[talkspurt].confirmed and paths[talkspurt + 14].confirmed
+
+
+def test_a_line_the_greeting_showed_to_be_quiet_is_not_searched_for_a_path(speech_clip):
+    bot = np.concatenate([speech_clip("bot_answer_en.wav"), speech_clip("bot_greeting_en.wav")])
+    near, far = echo_call(bot, 60.0, 60.0, seed=3)
+    estimated, paths = estimate_frames(ReferenceEchoGate(min_rms=200.0), near, far)
+    assert estimated == list(range(49, len(paths), 50)) and paths[-1] is None
+
+
+def test_digital_silence_is_never_the_caller(speech_clip):
+    gate = ReferenceEchoGate(min_rms=200.0)
+    silence = np.zeros(FRAME, dtype=np.int16)
+    assert not any(gate.accepts(silence, silence, True) for _ in range(100))
+    bot = speech_clip("bot_answer_en.wav")
+    assert not any(gate.accepts(silence, far_frame, True) for far_frame in frames(bot)[:100])
+
+
+def test_the_seed_rule_takes_a_frame_at_exactly_the_minimum_level():
+    gate = RmsEchoGate(min_rms=200.0)
+    silence = np.zeros(FRAME, dtype=np.int16)
+    assert gate.accepts(np.full(FRAME, 200, dtype=np.int16), silence, True)
+    assert not gate.accepts(np.full(FRAME, 199, dtype=np.int16), silence, True)

@@ -276,3 +276,22 @@ def test_an_unknown_event_is_a_type_error_that_names_it():
 
 def model_events_of(actions) -> list[dict]:
     return [action.event for action in actions if isinstance(action, SendToModel)]
+
+
+def test_an_item_heard_for_a_single_millisecond_is_recorded_as_heard():
+    turns = greeted_call()
+    turns.handle(ResponseCreated("resp_2"), 5.0)
+    heard = marks(turns.handle(AudioDelta("resp_2", "item_2", b"\xff" * 8), 5.1))
+    turns.handle(TranscriptDone("resp_2", "item_2", "Yes"), 5.1)
+    turns.handle(ResponseDone("resp_2", "completed"), 5.1)
+    assert turns.handle(MarkPlayed(heard[0]), 5.2) == [RecordTranscript("assistant", "Yes", 5.1, False, 1)]
+
+
+def test_a_call_ending_records_an_item_heard_for_a_single_millisecond():
+    turns = greeted_call()
+    turns.handle(ResponseCreated("resp_2"), 5.0)
+    heard = marks(turns.handle(AudioDelta("resp_2", "item_2", b"\xff" * 8), 5.1))
+    turns.handle(TranscriptDone("resp_2", "item_2", "Yes"), 5.1)
+    turns.handle(MarkPlayed(heard[0]), 5.2)  # the response is still generating: nothing is settled yet
+    assert turns.handle(CallEnding("carrier_stop"), 5.3) == [
+        Log("CALL", "call ending", {"reason": "carrier_stop"}), RecordTranscript("assistant", "Yes", 5.1, False, 1)]

@@ -109,9 +109,15 @@ class SimulatedPhone:
         self._speech = np.concatenate((self._speech, pcm.astype(np.int16)))
         self._awaiting_speech_onset = True
 
-    def on_server_message(self, text: str, now_s: float) -> list[str]:
-        """Take one frame from the server; returns marks to send back right away (flushed by clear)."""
+    def on_server_message(self, text: str, now_s: float, stream_sid: str) -> list[str]:
+        """Take one frame from the server; returns marks to send back right away (flushed by clear).
+
+        A message naming another stream is not for this call: it plays nothing, and the timeline notes it.
+        """
         message = json.loads(text)
+        if message.get("streamSid") != stream_sid:
+            self.timeline.note(now_s, f"{message.get('event')} for stream {message.get('streamSid')!r} ignored")
+            return []
         kind = message["event"]
         if kind == "media":
             self._speaker.append(base64.b64decode(message["media"]["payload"]))
@@ -249,7 +255,7 @@ async def _listen(socket: WebSocketConnection, phone: SimulatedPhone, stream_sid
     """Hear the server until it hangs up, which ends the whole call, script included."""
     try:
         while True:
-            for name in phone.on_server_message(await socket.get_message(), elapsed_s()):
+            for name in phone.on_server_message(await socket.get_message(), elapsed_s(), stream_sid):
                 await socket.send_message(_mark_message(stream_sid, name, sequence))
     except ConnectionClosed:
         phone.timeline.note(elapsed_s(), "server hung up")
