@@ -30,8 +30,9 @@ MODULES = {
     "dsp/vad.py": ["tests/test_dsp_vad.py"],
     "storage/writer.py": ["tests/test_storage_writer.py"],
     "storage/migrate.py": ["tests/test_storage_migrate.py"],
+    # Not the worker-process tests: mutmut runs a mutant against the tests that reached its function in-process.
     "app/whatsapp/dispatch.py": [
-        "tests/test_whatsapp_dispatch.py", "tests/test_whatsapp_sending.py", "tests/test_whatsapp_workers.py"],
+        "tests/test_whatsapp_dispatch.py", "tests/test_whatsapp_dispatch_rules.py", "tests/test_whatsapp_sending.py"],
 }
 EQUIVALENT = REPO / "tests" / "mutation-equivalent.txt"
 

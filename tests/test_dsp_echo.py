@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from app.clips import load_wav
-from dsp.echo import ReferenceEchoGate, RmsEchoGate, estimate_echo_path, make_echo_gate
+from dsp.echo import EchoPath, ReferenceEchoGate, RmsEchoGate, estimate_echo_path, make_echo_gate
 from dsp.echo_bound import EchoBound
 from dsp.echo_path import active_speech_rms, line_noise, simulate_echo, to_int16
 from dsp.g711 import ulaw_decode, ulaw_encode
@@ -451,3 +451,23 @@ def test_the_seed_rule_takes_a_frame_at_exactly_the_minimum_level():
     silence = np.zeros(FRAME, dtype=np.int16)
     assert gate.accepts(np.full(FRAME, 200, dtype=np.int16), silence, True)
     assert not gate.accepts(np.full(FRAME, 199, dtype=np.int16), silence, True)
+
+
+@pytest.mark.parametrize("answer_delay_ms", [75.0, 165.0])
+def test_while_a_moved_delay_is_unconfirmed_its_echo_is_never_taken_for_the_caller(speech_clip, answer_delay_ms):
+    near, far, answer_frame = greeting_then_answer(speech_clip, 120.0, answer_delay_ms, 6.0, seed=14)
+    gate = ReferenceEchoGate(min_rms=200.0)
+    accepted = [gate.accepts(near_frame, far_frame, True) for near_frame, far_frame in zip(frames(near), frames(far))]
+    assert gate.echo_delay_ms == pytest.approx(answer_delay_ms, abs=5.0)
+    assert sum(accepted[answer_frame:]) == 0
+
+
+def test_at_the_same_delay_the_echo_gain_falls_by_at_most_3_db_an_estimate():
+    gate = ReferenceEchoGate(min_rms=200.0)
+    gate._adopt(EchoPath(40, 0.1))
+    gate._adopt(EchoPath(41, 0.01))  # within the spread: the same delay, a coloured echo swinging low
+    assert gate.path == EchoPath(41, pytest.approx(0.05))
+    gate._adopt(EchoPath(41, 0.08))
+    assert gate.path.gain == pytest.approx(0.08)
+    gate._adopt(EchoPath(60, 0.01))  # a new delay: its own gain
+    assert gate.path == EchoPath(60, pytest.approx(0.01))
