@@ -38,6 +38,9 @@ async def test_the_seeds_manual_checks_on_a_whole_simulated_call(settings, autoj
     assert "[FIRST_UTTERANCE] NO barge-in until first response completes resp=" in log
     assert report.greeting_cleared is False
     assert "caller speech ignored while the first utterance plays" in log
+    # Onsets rest for the debounce between them, on the call's own clock.
+    ignored_at = [at for at, what in report.timeline.events if "caller speech ignored" in what]
+    assert len(ignored_at) >= 2 and min(b - a for a, b in zip(ignored_at, ignored_at[1:])) >= 0.35
     # 3. Once it has been heard to the end, barge-in is on.
     assert "[FIRST_UTTERANCE] Barge-in now ENABLED for rest of call" in log
     enabled_at = next(at for at, what in report.timeline.events if what.startswith("server: Barge-in now ENABLED"))

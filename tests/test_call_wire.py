@@ -12,6 +12,7 @@ import trio
 from trio_websocket import ConnectionClosed, connect_websocket_url, open_websocket_url, serve_websocket
 
 from app.carriers import twilio
+from app.call import INBOUND_QUEUE_FRAMES, CallSession
 from app.carriers.simulated_twilio import SimulatedPhone, run_phone_call
 from app.server import serve
 from app.settings import Settings
@@ -154,8 +155,8 @@ async def test_a_lost_model_link_ends_only_its_own_call(tmp_path, autojump_clock
     failing_once = ScriptedRealtimeServer(fail_first_connections=1)
     phones = await call_with(failing_once, tmp_path, talk_for(1.0), calls=2)
     lost = [line for line in call_log(caplog) if "model link lost" in line[1]]
-    assert [(level, line.split("] ", 1)[1]) for level, line in lost] == [
-        ("ERROR", "model link lost, ending call why='model socket closed code=1011 scripted failure'")]
+    assert [(level, line.split(" ", 1)[1]) for level, line in lost] == [
+        ("ERROR", "[CALL] model link lost, ending call why='model socket closed code=1011 scripted failure'")]
     assert caplog.text.count("call ended reason=model_link_lost") == 1
     assert caplog.text.count("call ended reason=carrier_stop") == 1
     assert sum(any(what == "server hung up" for _, what in phone.timeline.events) for phone in phones) == 1
@@ -243,7 +244,9 @@ async def test_a_call_live_when_the_server_stops_is_recorded_as_cancelled(tmp_pa
     assert ("INFO", "call=CA1 [CALL] call ending reason=cancelled") in call_log(caplog)
     database = open_database(f"sqlite:///{tmp_path / 'calls.db'}")
     with database.bind_ctx([Call]):
-        assert Call.get(Call.call_sid == "CA1").end_reason == "cancelled"
+        call = Call.get(Call.call_sid == "CA1")
+        # A stream without the webhook's parameters still gets its record, with the numbers it lacks left empty.
+        assert (call.end_reason, call.from_number, call.to_number, call.business_id) == ("cancelled", "", "", None)
     database.close()
 
 
@@ -255,3 +258,13 @@ async def open_websocket_url_later():
             return await connect_websocket_url(nursery, url)
         yield connect
         nursery.cancel_scope.cancel()
+
+
+async def test_inbound_frames_beyond_the_queue_are_dropped_each_with_an_error(caplog):
+    caplog.set_level(logging.INFO, logger="callgate")
+    session = CallSession(Settings(), twilio.Start("MZ1", "CA1"), recorder=None)
+    for chunk in range(INBOUND_QUEUE_FRAMES + 2):
+        session._queue_inbound(twilio.Media(b"\xff" * 160, 20 * chunk, chunk))
+    assert call_log(caplog) == [
+        ("ERROR", f"call=CA1 [INBOUND] inbound audio queue full, frame dropped chunk={chunk}")
+        for chunk in (INBOUND_QUEUE_FRAMES, INBOUND_QUEUE_FRAMES + 1)]

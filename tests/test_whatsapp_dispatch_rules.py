@@ -84,6 +84,7 @@ def test_a_claim_reserves_evenly_spaced_slots_and_leases_past_the_last(broadcast
     assert dispatch.claim(first, "worker-2", 3, 30.0, NOW) == []
     templated = dispatch.claim(second, "worker-1", 1, 30.0, NOW)
     assert templated[0].body == template_message("+972502345610", "spring_sale", "he")
+    assert templated[0].send_at == slot  # each broadcast keeps its own schedule
 
 
 def test_an_unlimited_rate_sends_every_claim_at_once(broadcasts):
@@ -240,3 +241,12 @@ def test_workers_claiming_at_once_each_get_other_recipients_and_none_fails(datab
     assert errors == []
     every = sorted(recipient for mine in claimed for recipient in mine)
     assert every == sorted(r.id for r in Recipient.select()) and len(set(every)) == 40
+
+
+def test_a_message_with_no_text_or_template_language_gets_the_defaults(broadcasts):
+    first, second = broadcasts
+    WhatsappBroadcast.update(message_text=None).where(WhatsappBroadcast.id == first).execute()
+    WhatsappBroadcast.update(template_language=None).where(WhatsappBroadcast.id == second).execute()
+    assert dispatch.message_body(WhatsappBroadcast.get_by_id(first), "+15550001111") == text_message("+15550001111", "")
+    assert dispatch.message_body(WhatsappBroadcast.get_by_id(second), "+15550001111") == template_message(
+        "+15550001111", "spring_sale", "en")
