@@ -30,6 +30,9 @@ BLOCK_MS = 5.0
 GATE_MODES = ("reference", "rms")
 ENVELOPE_FLOOR_ENERGY = 100.0
 """Added to block energies before taking logs: 20 dB below the quietest line noise worth tracking."""
+FLAT_ENVELOPE_POWER = 1e-6
+"""A log envelope varying less than this (digital silence, a steady tone) has nothing to correlate;
+speech varies by whole units of log energy, so its power is in the hundreds."""
 
 # The reference gate's tuning, measured by scripts/vad_eval.py over lines from no echo to 6 dB.
 MAX_DELAY_BLOCKS = round(300.0 / BLOCK_MS)
@@ -134,7 +137,7 @@ def estimate_echo_path(
     sums_of_squares = np.cumsum(np.concatenate(([0.0], far_amplitude**2)))
     window_sums = sums[window_blocks:] - sums[:-window_blocks]
     window_powers = sums_of_squares[window_blocks:] - sums_of_squares[:-window_blocks] - window_sums**2 / window_blocks
-    if near_power <= 0.0 or window_powers.max() <= 0.0:
+    if near_power <= FLAT_ENVELOPE_POWER or window_powers.max() <= FLAT_ENVELOPE_POWER:
         return None
     # np.correlate, not a matrix product: it stays off the BLAS thread pool on the per-call path.
     covariances = np.correlate(far_amplitude, near_centered, "valid")
@@ -339,8 +342,10 @@ class ReferenceEchoGate(_EnergyGate):
             # At the same delay the echo gain falls by at most 3 dB an estimate: a coloured echo path
             # returns a different share of each stretch of speech, and the estimate swings with it.
             path = dataclasses.replace(path, gain=max(path.gain, previous.gain / 2.0))
-        if previous is not None and not 0.25 < path.gain / previous.gain < 4.0:
-            self.canceller.reset()  # the echo moved by more than 6 dB: a new line, not the one it learned
+        # The echo rose by 6 dB or more: a new line, not the one the filter learned. (A fall is held to 3 dB
+        # at the same delay, and a new delay starts the filter afresh as it follows the path.)
+        if previous is not None and path.gain >= 4.0 * previous.gain:
+            self.canceller.reset()
         self.path = path
         self.canceller.follow_echo_path(path.delay_blocks * BLOCK_SAMPLES)
 

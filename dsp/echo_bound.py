@@ -22,7 +22,7 @@ class EchoBound:
     def __init__(
         self,
         delay_count: int,
-        prior_gain_db: float = -6.0,
+        prior_gain_db: float,
         window_frames: int = 50,
         min_evidence_frames: int = 5,
         visible_db: float = 6.0,

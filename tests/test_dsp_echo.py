@@ -45,7 +45,9 @@ def echo_call(bot: np.ndarray, delay_ms: float, erl_db: float, seed: int, caller
 
 
 @pytest.mark.parametrize("erl_db", [6.0, 10.0, 20.0])
-@pytest.mark.parametrize(("clip", "delay_ms"), [("bot_greeting_en.wav", 30.0), ("bot_answer_en.wav", 180.0), ("bot_greeting_he.wav", 280.0)])
+@pytest.mark.parametrize(("clip", "delay_ms"), [
+    ("bot_answer_en.wav", 0.0), ("bot_greeting_en.wav", 30.0), ("bot_answer_en.wav", 180.0),
+    ("bot_greeting_he.wav", 280.0)])
 def test_echo_alone_is_never_accepted_in_reference_mode(speech_clip, clip, delay_ms, erl_db):
     near, far = echo_call(speech_clip(clip), delay_ms, erl_db, seed=int(delay_ms + erl_db))
     analyses = run_call(near, far, bot_audible=True)
@@ -257,6 +259,7 @@ def test_an_echo_delay_that_did_not_move_is_confirmed_within_a_few_frames_of_the
     frames_taken, gate = frames_until_confirmed(near, far, answer_frame)
     # The filter still cancels at the old delay: no need to wait 300 ms for an estimate.
     assert frames_taken is not None and frames_taken <= 6 + 120 // 20
+    assert frames_taken == 8  # these clips and this noise: the echo's arrival, then three frames cancelled
     assert gate.echo_delay_ms == pytest.approx(120.0, abs=5.0)
 
 
@@ -265,6 +268,7 @@ def test_an_echo_delay_moved_by_jitter_is_placed_again_as_soon_as_the_response_a
     frames_taken, gate = frames_until_confirmed(near, far, answer_frame)
     # The first estimate needs 300 ms of the response past the echo's delay; two more chances after it.
     assert frames_taken is not None and frames_taken <= (300 + 155) // 20 + 10
+    assert frames_taken == 14  # these clips: placed by the very first estimate, 300 ms into the response
     assert gate.echo_delay_ms == pytest.approx(155.0, abs=5.0)
 
 
@@ -288,7 +292,7 @@ def test_the_learned_bound_covers_every_frame_of_a_coloured_echo(speech_clip):
     # Until a path is measured the bound alone stands between the bot's echo and a barge-in.
     far = speech_clip("bot_answer_en.wav").astype(np.float64)
     near = simulate_echo(far, 100.0, 20.0, **NARROW_HYBRID) + line_noise(len(far), NOISE_RMS, np.random.default_rng(15))
-    bound = EchoBound(delay_count=61)
+    bound = EchoBound(delay_count=61, prior_gain_db=-6.0)
     noise_energy = NOISE_RMS**2
     covered = []
     for start in range(61 * 40, len(far) - FRAME, FRAME):
@@ -374,8 +378,10 @@ def test_the_echo_gain_is_the_upper_quartile_of_the_block_ratios():
     assert delay == 10 and gain == pytest.approx(0.04)
 
 
-def test_no_echo_path_is_placed_from_a_flat_far_end_or_an_unrelated_near_end():
+def test_no_echo_path_is_placed_from_a_flat_envelope_or_an_unrelated_one():
     far = speech_like_envelope(260, seed=2)
+    assert estimate_echo_path(np.zeros(200), far, 0.6) is None  # digital silence on the line
+    assert estimate_echo_path(np.full(200, 5e4), far, 0.6) is None  # a steady tone
     assert estimate_echo_path(0.05 * far[30:230], np.full(260, 5e4), 0.6) is None
     assert estimate_echo_path(speech_like_envelope(200, seed=3), far, 0.6) is None
 
@@ -471,3 +477,44 @@ def test_at_the_same_delay_the_echo_gain_falls_by_at_most_3_db_an_estimate():
     assert gate.path.gain == pytest.approx(0.08)
     gate._adopt(EchoPath(60, 0.01))  # a new delay: its own gain
     assert gate.path == EchoPath(60, pytest.approx(0.01))
+
+
+@pytest.mark.parametrize(("clip", "erl_db", "delay_ms", "hybrid"), [
+    ("bot_greeting_en.wav", 6.0, 20.0, {}), ("bot_greeting_en.wav", 10.0, 120.0, {}),
+    ("bot_greeting_en.wav", 10.0, 120.0, NARROW_HYBRID), ("bot_answer_en.wav", 6.0, 250.0, NARROW_HYBRID),
+])
+def test_echo_of_a_words_start_or_end_is_judged_broadband_and_never_taken_for_the_caller(
+        speech_clip, clip, erl_db, delay_ms, hybrid):
+    far = np.concatenate([speech_clip(clip), np.zeros(4000)]).astype(np.float64)
+    near = simulate_echo(far, delay_ms, erl_db, **hybrid) + line_noise(len(far), NOISE_RMS, np.random.default_rng(5))
+    gate = ReferenceEchoGate(min_rms=200.0)
+    near, far = to_int16(near), to_int16(far)
+    assert not any(gate.accepts(n, f, True) for n, f in zip(frames(near), frames(far)))
+
+
+@pytest.mark.parametrize(("delay_blocks", "ratio", "starts_afresh"), [
+    (40, 3.5, False), (40, 4.5, True), (41, 1 / 4.5, False), (42, 1.0, True)])
+def test_the_filter_starts_afresh_for_an_echo_6_db_louder_or_at_a_new_delay(
+        delay_blocks, ratio, starts_afresh, monkeypatch):
+    gate = ReferenceEchoGate(min_rms=200.0)
+    gate._adopt(EchoPath(40, 0.01))
+    resets = []
+    monkeypatch.setattr(gate.canceller, "reset", lambda: resets.append(True))
+    gate._adopt(EchoPath(delay_blocks, 0.01 * ratio))
+    assert bool(resets) is starts_afresh
+
+
+def trimmed(clip: np.ndarray) -> np.ndarray:
+    """The clip without its leading and trailing silent frames."""
+    loud = [index for index, frame in enumerate(frames(clip)) if np.any(frame)]
+    return clip[loud[0] * FRAME:(loud[-1] + 1) * FRAME]
+
+
+@pytest.mark.parametrize(("gap_frames", "unconfirmed"), [(14, False), (15, True)])
+def test_a_far_end_silence_of_300_ms_may_have_moved_the_delay(speech_clip, gap_frames, unconfirmed):
+    answer, greeting = trimmed(speech_clip("bot_answer_en.wav")), trimmed(speech_clip("bot_greeting_en.wav"))
+    talkspurt = len(answer) // FRAME + gap_frames
+    bot = np.concatenate([answer, np.zeros(gap_frames * FRAME, dtype=answer.dtype), greeting])
+    near, far = echo_call(bot, 60.0, 20.0, seed=3)
+    _, paths = estimate_frames(ReferenceEchoGate(min_rms=200.0), near, far)
+    assert paths[talkspurt - 1].confirmed and paths[talkspurt].confirmed is not unconfirmed

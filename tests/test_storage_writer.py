@@ -387,3 +387,33 @@ class StrayRecord:
     """Not one of the record types: what a caller of submit() might pass by mistake."""
 
     log_id = "CAstray"
+
+
+async def test_a_queue_still_at_capacity_does_not_warn_again(migrated, caplog, monkeypatch):
+    caplog.set_level(logging.INFO, logger="storage.writer")
+    monkeypatch.setattr(storage.writer, "BATCH_SIZE", 2)
+    second_batch_started, release = threading.Event(), threading.Event()
+    real_write_batch = storage.writer.write_batch
+    batches = []
+
+    def write_batch_held_at_the_second(database, batch):
+        batches.append(len(batch))
+        if len(batches) == 2:
+            second_batch_started.set()
+            release.wait()
+        return real_write_batch(database, batch)
+
+    monkeypatch.setattr(storage.writer, "write_batch", write_batch_held_at_the_second)
+    writer = StorageWriter(migrated, capacity=3)
+    records = simulated_call("CAedge")
+    for record in records[:5]:
+        writer.submit(record)  # over capacity at the fourth: one warning
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        await trio.to_thread.run_sync(second_batch_started.wait)
+        writer.submit(records[5])  # three were queued after the first batch: at capacity, never below it
+        release.set()
+        await flush(writer)
+        nursery.cancel_scope.cancel()
+
+    assert len(storage_log_lines(caplog, logging.WARNING)) == 1
