@@ -6,13 +6,14 @@ import json
 import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 import pytest
 import trio
-from trio_websocket import ConnectionClosed, connect_websocket_url, open_websocket_url, serve_websocket
+from trio_websocket import CloseReason, ConnectionClosed, connect_websocket_url, open_websocket_url, serve_websocket
 
 from app.carriers import twilio
-from app.call import INBOUND_QUEUE_FRAMES, CallSession
+from app.call import INBOUND_QUEUE_FRAMES, MODEL_OUTBOX_EVENTS, CallSession, ModelLinkLost
 from app.carriers.simulated_twilio import SimulatedPhone, run_phone_call
 from app.server import serve
 from app.settings import Settings
@@ -268,3 +269,39 @@ async def test_inbound_frames_beyond_the_queue_are_dropped_each_with_an_error(ca
     assert call_log(caplog) == [
         ("ERROR", f"call=CA1 [INBOUND] inbound audio queue full, frame dropped chunk={chunk}")
         for chunk in (INBOUND_QUEUE_FRAMES, INBOUND_QUEUE_FRAMES + 1)]
+
+
+async def test_record_times_follow_the_calls_monotonic_clock_from_one_utc_anchor(autojump_clock):
+    autojump_clock.jump(5000.0)  # trio's clock has an arbitrary origin
+    session = CallSession(Settings(), twilio.Start("MZ1", "CA1"), recorder=None)
+    now = trio.current_time()
+    started = session._wall_time(now)
+    assert started.tzinfo == timezone.utc
+    assert abs((started - datetime.now(timezone.utc)).total_seconds()) < 60
+    assert (session._wall_time(now + 7.25) - started).total_seconds() == pytest.approx(7.25)
+
+
+async def test_a_model_that_stops_reading_is_a_lost_link_not_a_growing_queue():
+    session = CallSession(Settings(), twilio.Start("MZ1", "CA1"), recorder=None)
+    for _ in range(MODEL_OUTBOX_EVENTS):
+        session._send_to_model({"type": "input_audio_buffer.append", "audio": "AA=="})
+    with pytest.raises(ModelLinkLost) as lost:
+        session._send_to_model({"type": "input_audio_buffer.append", "audio": "AA=="})
+    assert str(lost.value) == f"{MODEL_OUTBOX_EVENTS} events queued for a model that is not reading"
+
+
+class ClosedCarrier:
+    """A carrier socket that is already gone when the call writes to it."""
+
+    async def send_message(self, text: str) -> None:
+        raise ConnectionClosed(CloseReason(1006, "gone"))
+
+
+async def test_a_carrier_gone_when_the_call_writes_hangs_up_as_carrier_closed():
+    session = CallSession(Settings(), twilio.Start("MZ1", "CA1"), recorder=None)
+    async with trio.open_nursery() as nursery:
+        session._nursery = nursery
+        session._carrier_out_send.send_nowait(twilio.clear("MZ1"))
+        nursery.start_soon(session._carrier_writer, ClosedCarrier())
+        await trio.sleep_forever()
+    assert session.end_reason == "carrier_closed"
