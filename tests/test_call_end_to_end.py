@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -193,3 +194,11 @@ async def test_a_number_configured_without_barge_in_talks_over_the_caller_to_the
         turns = list(TranscriptTurn.select().where(TranscriptTurn.call == call).order_by(TranscriptTurn.id))
         assert not any(turn.truncated for turn in turns)
     database.close()
+
+
+async def test_the_seeds_rms_mode_does_not_hear_a_caller_below_its_floor_over_the_bot(settings, autojump_clock):
+    caller = TalkOverThenListen()
+    caller.interrupt = (caller.interrupt * 0.05).astype(np.int16)  # well under the 200 rms floor
+    rms_settings = dataclasses.replace(settings, echo_gate_mode="rms")
+    report = await simulate_call(rms_settings, "CA" + "3" * 32, PHONE_LINES["clean"], caller)
+    assert report.timeline.clear_frames == []
