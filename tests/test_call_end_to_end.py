@@ -73,9 +73,9 @@ async def test_a_simulated_call_leaves_its_records(settings, autojump_clock):
         answer_after_s = (turns[1].started_at - turns[0].started_at).total_seconds()
         assert abs(answer_after_s - (heard_at["caller hears the answer start"]
                                      - heard_at["caller hears the greeting start"])) <= 0.2
-        barge_in_at = next(event.at for event in CallEvent.select().where(
-            CallEvent.call == call, CallEvent.kind == "barge_in"))
-        assert abs((barge_in_at - call.started_at).total_seconds() - report.barge_in_clear_s) <= 0.2
+        barge_in = CallEvent.get(CallEvent.call == call, CallEvent.kind == "barge_in")
+        assert abs((barge_in.at - call.started_at).total_seconds() - report.barge_in_clear_s) <= 0.2
+        assert barge_in.detail["talk_over_ms"] == report.talk_over_ms
         assert abs((call.ended_at - call.started_at).total_seconds() - heard_at["caller hangs up"]) <= 0.2
     database.close()
 

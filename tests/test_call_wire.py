@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 from contextlib import asynccontextmanager
@@ -12,14 +13,16 @@ import pytest
 import trio
 from trio_websocket import CloseReason, ConnectionClosed, connect_websocket_url, open_websocket_url, serve_websocket
 
-from app.carriers import twilio
 from app.call import INBOUND_QUEUE_FRAMES, MODEL_OUTBOX_EVENTS, CallSession, ModelLinkLost
+from app.carriers import twilio
 from app.carriers.simulated_twilio import SimulatedPhone, run_phone_call
 from app.server import serve
 from app.settings import Settings
+from dsp.g711 import ulaw_encode
 from storage.db import open_database
 from storage.models import Call
 from tests.realtime_schemas import SDK_CLIENT_EVENTS
+from tests.test_turns import answering_call
 
 
 
@@ -305,3 +308,46 @@ async def test_a_carrier_gone_when_the_call_writes_hangs_up_as_carrier_closed():
         nursery.start_soon(session._carrier_writer, ClosedCarrier())
         await trio.sleep_forever()
     assert session.end_reason == "carrier_closed"
+
+
+class ClosedModel:
+    """A model socket closed by the other side when the call writes to it."""
+
+    async def send_message(self, text: str) -> None:
+        raise ConnectionClosed(CloseReason(1011, "server error"))
+
+
+async def test_a_model_socket_closed_on_write_is_a_lost_link_naming_its_close_code():
+    session = CallSession(Settings(), twilio.Start("MZ1", "CA1"), recorder=None)
+    session._send_to_model({"type": "response.create"})
+    with pytest.raises(ModelLinkLost) as lost:
+        await session._model_writer(ClosedModel())
+    assert str(lost.value) == "model socket closed code=1011"
+
+
+async def test_while_the_bot_talks_the_model_hears_the_callers_own_frames(speech_clip):
+    session = CallSession(Settings(), twilio.Start("MZ1", "CA1"), recorder=Records())
+    session.turns = answering_call()[0]  # an answer is playing: the bot is audible
+    caller = ulaw_encode(speech_clip("caller_interrupt_en.wav")[:8000]).tobytes()
+    payloads = [caller[start:start + 160] for start in range(0, len(caller) - 159, 160)]
+    for chunk, payload in enumerate(payloads):
+        session._on_inbound_frame(twilio.Media(payload, 20 * chunk, chunk))
+    heard = []
+    while True:
+        try:
+            event = session._model_out.receive_nowait()
+        except trio.WouldBlock:
+            break
+        if event["type"] == "input_audio_buffer.append":
+            heard.append(base64.b64decode(event["audio"]))
+    assert len(heard) == len(payloads)
+    as_spoken = [audio == payload for audio, payload in zip(heard, payloads)]
+    # The caller's voice goes through as it is from its first voiced frames, before the 6-frame onset stops the bot.
+    assert as_spoken.index(True) < 6 and sum(as_spoken) > len(payloads) // 2
+
+
+class Records(list):
+    """A recorder that keeps what the call submits."""
+
+    def submit(self, record) -> None:
+        self.append(record)
