@@ -391,6 +391,8 @@ def test_no_echo_path_is_placed_when_the_far_end_spoke_in_under_a_fifth_of_the_w
     far = np.zeros(260)
     far[100:130] = bursts[:30]  # 30 active blocks of the aligned 200: 15 %
     assert estimate_echo_path(0.05 * far[60:260], far, 0.6) is None
+    far[100:140] = bursts[:40]  # exactly a fifth: enough
+    assert estimate_echo_path(0.05 * far[60:260], far, 0.6) == (0, pytest.approx(0.05))
     far[100:150] = bursts  # 25 %
     assert estimate_echo_path(0.05 * far[60:260], far, 0.6) == (0, pytest.approx(0.05))
 
@@ -542,3 +544,33 @@ def test_on_a_noisy_line_a_weak_echo_is_placed_at_its_delay_from_where_it_rises_
     # The far envelope is floored where its echo sinks into the noise: quiet starts do not pull the delay.
     assert gate.echo_delay_ms == 150.0
     assert gate.echo_return_loss_db >= 18.0  # the noise inflates the measured echo, but not by more than 12 dB
+
+
+def test_an_echo_switched_24_db_louder_mid_answer_is_believed_at_once_and_confirmed_later(speech_clip):
+    answer = speech_clip("bot_answer_en.wav")
+    far = np.concatenate([answer, speech_clip("bot_greeting_he.wav"), np.zeros(4000, dtype=answer.dtype)])
+    switch = len(answer) // 2
+    before = np.concatenate([far[:switch], np.zeros(len(far) - switch)]).astype(np.float64)
+    after = np.concatenate([np.zeros(switch), far[switch:]]).astype(np.float64)
+    near = (simulate_echo(before, 90.0, 30.0) + simulate_echo(after, 90.0, 6.0)
+            + line_noise(len(far), NOISE_RMS, np.random.default_rng(9)))
+    _, paths = estimate_frames(ReferenceEchoGate(min_rms=200.0), to_int16(near), far)
+    raised = next(index for index, path in enumerate(paths) if path is not None and path.gain > 0.1)
+    # A speakerphone: the louder echo is believed while the caller seems to talk, but its delay is only
+    # confirmed once the line is heard without the caller.
+    assert raised - switch // FRAME < 50 and not paths[raised].confirmed
+    assert paths[-1].confirmed and paths[-1].delay_blocks == 18
+
+
+@pytest.mark.parametrize(("caller_rms", "accepted"), [(150, False), (200, True)])
+def test_while_the_delay_is_unconfirmed_the_caller_must_also_reach_min_rms(speech_clip, caller_rms, accepted):
+    answer, greeting = trimmed(speech_clip("bot_answer_en.wav")), trimmed(speech_clip("bot_greeting_en.wav"))
+    talkspurt = len(answer) // FRAME + 25
+    far = np.concatenate([answer, np.zeros(25 * FRAME, dtype=answer.dtype), greeting])
+    near, far = echo_call(far, 60.0, 20.0, seed=3)
+    square = np.where(np.arange(FRAME) % 2, caller_rms, -caller_rms).astype(np.int16)  # exactly caller_rms
+    near = near.copy()
+    near[talkspurt * FRAME:(talkspurt + 1) * FRAME] = square  # the talkspurt's first frame: no echo yet
+    gate = ReferenceEchoGate(min_rms=200.0)
+    verdicts = [gate.accepts(n, f, True) for n, f in zip(frames(near), frames(far))]
+    assert gate.path is not None and verdicts[talkspurt] is accepted
