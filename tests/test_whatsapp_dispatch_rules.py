@@ -221,6 +221,7 @@ def test_workers_claiming_at_once_each_get_other_recipients_and_none_fails(datab
     dispatch.start(broadcast.id, 0.0, NOW)
     start_together = threading.Barrier(4)
     claimed: list[list[int]] = [[] for _ in range(4)]
+    left_when_done = [None] * 4
     errors = []
 
     def work(number: int) -> None:
@@ -228,6 +229,8 @@ def test_workers_claiming_at_once_each_get_other_recipients_and_none_fails(datab
             start_together.wait()
             while batch := dispatch.claim(broadcast.id, f"worker-{number}", 2, 30.0, NOW):
                 claimed[number].extend(c.recipient_id for c in batch)
+            # A claim waits for the broadcast's row: coming back empty means nobody is left, not "busy".
+            left_when_done[number] = Recipient.select().where(Recipient.status == "queued").count()
         except Exception as error:  # noqa: BLE001 (any failure of a claim fails the test)
             errors.append(error)
         finally:
@@ -238,7 +241,7 @@ def test_workers_claiming_at_once_each_get_other_recipients_and_none_fails(datab
         thread.start()
     for thread in threads:
         thread.join()
-    assert errors == []
+    assert errors == [] and left_when_done == [0, 0, 0, 0]
     every = sorted(recipient for mine in claimed for recipient in mine)
     assert every == sorted(r.id for r in Recipient.select()) and len(set(every)) == 40
 
@@ -246,7 +249,34 @@ def test_workers_claiming_at_once_each_get_other_recipients_and_none_fails(datab
 def test_a_message_with_no_text_or_template_language_gets_the_defaults(broadcasts):
     first, second = broadcasts
     WhatsappBroadcast.update(message_text=None).where(WhatsappBroadcast.id == first).execute()
-    WhatsappBroadcast.update(template_language=None).where(WhatsappBroadcast.id == second).execute()
+    WhatsappBroadcast.update(template_name=None, template_language=None).where(WhatsappBroadcast.id == second).execute()
     assert dispatch.message_body(WhatsappBroadcast.get_by_id(first), "+15550001111") == text_message("+15550001111", "")
     assert dispatch.message_body(WhatsappBroadcast.get_by_id(second), "+15550001111") == template_message(
-        "+15550001111", "spring_sale", "en")
+        "+15550001111", "", "en")
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_claim_skips_recipients_another_transaction_holds_instead_of_waiting(broadcasts, database):
+    first, _ = broadcasts
+    dispatch.start(first, 0.0, NOW)
+    held_id = Recipient.select().where(Recipient.broadcast == first).order_by(Recipient.id).first().id
+    holding, release = threading.Event(), threading.Event()
+
+    def hold_a_row() -> None:  # a results writer in another process, mid-transaction on one recipient
+        with database.atomic():
+            list(Recipient.select().where(Recipient.id == held_id).for_update())
+            holding.set()
+            release.wait()
+        database.close()
+
+    holder = threading.Thread(target=hold_a_row)
+    holder.start()
+    holding.wait()
+    claimed = []
+    claimer = threading.Thread(target=lambda: claimed.extend(dispatch.claim(first, "worker-1", 10, 30.0, NOW)))
+    claimer.start()
+    claimer.join(timeout=10)  # a bound on the wait, not a timing assertion: a claim that waits never returns
+    release.set()
+    holder.join()
+    claimer.join()
+    assert len(claimed) == 3 and held_id not in {c.recipient_id for c in claimed}
