@@ -39,13 +39,18 @@ def records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+async def start_sandbox(nursery, record_path: Path, *, fail_spec: str = "", **settings: object) -> Settings:
+    """The Cloud API sandbox on a free port in `nursery`; settings that send to it."""
+    port = await nursery.start(lambda task_status: serve_sandbox(
+        "127.0.0.1", 0, record_path=record_path, fail_spec=fail_spec, seed=3, task_status=task_status))
+    return Settings(**{"whatsapp_api_base": f"http://127.0.0.1:{port}", "whatsapp_phone_number_id": "1065",
+                       "whatsapp_access_token": "token", **settings})
+
+
 async def send_through_sandbox(tmp_path, broadcast_id, *, fail_spec="", rate=0.0, lease_s=30.0, max_retries=3):
     record_path = tmp_path / "sandbox.jsonl"
     async with trio.open_nursery() as nursery:
-        port = await nursery.start(lambda task_status: serve_sandbox(
-            "127.0.0.1", 0, record_path=record_path, fail_spec=fail_spec, seed=3, task_status=task_status))
-        settings = Settings(whatsapp_api_base=f"http://127.0.0.1:{port}", whatsapp_phone_number_id="1065",
-                            whatsapp_access_token="token", broadcast_lease_s=lease_s)
+        settings = await start_sandbox(nursery, record_path, fail_spec=fail_spec, broadcast_lease_s=lease_s)
         await trio.to_thread.run_sync(dispatch.start, broadcast_id, rate, utc_now())
         with trio.fail_after(60):  # a bound on hangs, not a timing assertion
             final = await BroadcastWorker(settings, broadcast_id, SendOptions(rate, max_retries)).run()
@@ -127,10 +132,7 @@ async def test_settings_no_request_can_carry_pause_the_broadcast_and_claim_nobod
     broadcast_id = new_broadcast(5)
     record_path = tmp_path / "sandbox.jsonl"
     async with trio.open_nursery() as nursery:
-        port = await nursery.start(lambda task_status: serve_sandbox(
-            "127.0.0.1", 0, record_path=record_path, fail_spec="", seed=3, task_status=task_status))
-        settings = Settings(whatsapp_api_base=f"http://127.0.0.1:{port}", whatsapp_phone_number_id="1065",
-                            whatsapp_access_token="token\n")
+        settings = await start_sandbox(nursery, record_path, whatsapp_access_token="token\n")
         await trio.to_thread.run_sync(dispatch.start, broadcast_id, 0.0, utc_now())
         with trio.fail_after(60):
             final = await BroadcastWorker(settings, broadcast_id, SendOptions(0.0, 3)).run()
@@ -153,10 +155,7 @@ async def stop_a_running_broadcast(tmp_path, database_url, broadcast_id: int, ve
     record_path = tmp_path / "sandbox.jsonl"
     outcome = {}
     async with trio.open_nursery() as nursery:
-        port = await nursery.start(lambda task_status: serve_sandbox(
-            "127.0.0.1", 0, record_path=record_path, fail_spec="", seed=3, task_status=task_status))
-        settings = Settings(whatsapp_api_base=f"http://127.0.0.1:{port}", whatsapp_phone_number_id="1065",
-                            whatsapp_access_token="token")
+        settings = await start_sandbox(nursery, record_path)
         await trio.to_thread.run_sync(dispatch.start, broadcast_id, 10.0, utc_now())
 
         async def work() -> None:
