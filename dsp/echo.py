@@ -157,6 +157,15 @@ def estimate_echo_path(
     return max_lag_blocks - best_row, echo_gain
 
 
+def at_word_edge(far_by_delay: np.ndarray, delay_blocks: int) -> bool:
+    """True when the far end rose or fell by EDGE_RATIO within a frame either side of the delay.
+
+    `far_by_delay[d]` is the far end's energy over the 20 ms ending `d` blocks ago.
+    """
+    around = far_by_delay[max(0, delay_blocks - BLOCKS_PER_FRAME):delay_blocks + BLOCKS_PER_FRAME + 1]
+    return float(around.max()) > EDGE_RATIO * float(far_by_delay[delay_blocks])
+
+
 @dataclass(frozen=True, slots=True)
 class EchoPath:
     """A measured echo path: its delay and energy gain; `confirmed` is False after the far end fell
@@ -166,6 +175,8 @@ class EchoPath:
     delay_blocks: int
     gain: float
     confirmed: bool = True
+    fitting_frames: int = 0
+    """While unconfirmed: the frames in a row the canceller has removed most of at this delay."""
 
 
 class ReferenceEchoGate(_EnergyGate):
@@ -193,7 +204,6 @@ class ReferenceEchoGate(_EnergyGate):
         self.blocks = RowHistory(2, HISTORY_BLOCKS)
         self.blocks_since_far_audio = HISTORY_BLOCKS
         self.blocks_since_far_start = 0
-        self.fitting_frames = 0
         # Which of the window's frames the gate accepted: estimates over the caller's voice can mislead.
         self.accepted_frames: deque[bool] = deque([False] * WINDOW_FRAMES, maxlen=WINDOW_FRAMES)
         self.accepted_count = 0
@@ -242,9 +252,8 @@ class ReferenceEchoGate(_EnergyGate):
         if not path.confirmed and canceller.ready:
             # The filter still removing most of each frame at the old delay: the delay has not moved.
             canceller.observe(near)
-            self.fitting_frames = self.fitting_frames + 1 if canceller.cancels_most() else 0
-            if self.fitting_frames >= CONFIRM_FRAMES:
-                path = self.path = dataclasses.replace(path, confirmed=True)
+            fitting_frames = path.fitting_frames + 1 if canceller.cancels_most() else 0
+            path = self.path = EchoPath(path.delay_blocks, path.gain, fitting_frames >= CONFIRM_FRAMES, fitting_frames)
         spread = SPREAD_BLOCKS if path.confirmed else JITTER_BLOCKS
         shortest = max(0, path.delay_blocks - spread)
         broadband_echo = path.gain * float(far_by_delay[shortest:path.delay_blocks + spread + 1].max())
@@ -255,10 +264,7 @@ class ReferenceEchoGate(_EnergyGate):
             return True
         canceller.observe(near)
         # A frame echoing the far end's start or end of a word is cancelled poorly: judge it broadband.
-        delay = path.delay_blocks
-        at_edge = float(far_by_delay[max(0, delay - BLOCKS_PER_FRAME):delay + BLOCKS_PER_FRAME + 1].max()) > (
-            EDGE_RATIO * float(far_by_delay[delay]))
-        if canceller.ready and not at_edge:
+        if canceller.ready and not at_word_edge(far_by_delay, path.delay_blocks):
             if canceller.shows_caller(noise_energy, near_energy):
                 return True
         elif near_energy >= self.min_energy and near_energy > MARGIN * broadband_echo:
@@ -284,8 +290,7 @@ class ReferenceEchoGate(_EnergyGate):
             if self.blocks_since_far_audio >= FAR_GAP_BLOCKS:
                 self.blocks_since_far_start = 0
                 if self.path is not None:
-                    self.path = dataclasses.replace(self.path, confirmed=False)
-                    self.fitting_frames = 0
+                    self.path = EchoPath(self.path.delay_blocks, self.path.gain, confirmed=False)
                     # Confirm the delay as soon as there is enough of the new talkspurt to place it.
                     self.frames_until_estimate = SHORTEST_WINDOW_BLOCKS // BLOCKS_PER_FRAME
             self.blocks_since_far_audio = 0

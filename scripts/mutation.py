@@ -26,7 +26,7 @@ MODULES = {
     "app/turns.py": ["tests/test_turns.py", "tests/test_turns_actions.py"],
     "app/playback.py": ["tests/test_playback.py"],
     "app/call.py": ["tests/test_call_wire.py", "tests/test_call_end_to_end.py"],
-    "dsp/echo.py": ["tests/test_dsp_echo.py", "tests/test_dsp_canceller.py"],
+    "dsp/echo.py": ["tests/test_dsp_echo.py", "tests/test_dsp_echo_rules.py", "tests/test_dsp_canceller.py"],
     "dsp/vad.py": ["tests/test_dsp_vad.py"],
     "storage/writer.py": ["tests/test_storage_writer.py"],
     "storage/migrate.py": ["tests/test_storage_migrate.py"],
