@@ -14,6 +14,7 @@ database_proxy = peewee.DatabaseProxy()
 
 SQLITE_BUSY_TIMEOUT_S = 10
 SQLITE_WAL_RETRY_S = 0.05
+POSTGRES_CONNECT_TIMEOUT_S = 5
 
 
 def open_database(url: str) -> peewee.Database:
@@ -29,7 +30,8 @@ def open_database(url: str) -> peewee.Database:
         database = connect(url, pragmas={"foreign_keys": 1}, timeout=SQLITE_BUSY_TIMEOUT_S)
         _switch_to_wal(database)
     elif scheme.startswith("postgres"):
-        database = connect(url)
+        # libpq waits for an unreachable server as long as the kernel does (minutes) unless told.
+        database = connect(url, connect_timeout=POSTGRES_CONNECT_TIMEOUT_S)
     else:
         raise ValueError(f"DATABASE_URL must start with sqlite:/// or postgresql://, got {redacted(url)!r}")
     database_proxy.initialize(database)

@@ -178,8 +178,8 @@ def counters_from_rows(broadcast_id: int) -> dict[str, int]:
 class Call(BaseModel):
     call_sid = peewee.CharField(max_length=64, unique=True)
     stream_sid = peewee.CharField(max_length=64)
-    from_number = peewee.CharField(max_length=32)
-    to_number = peewee.CharField(max_length=32)
+    from_number = peewee.TextField()
+    to_number = peewee.TextField()
     business = peewee.ForeignKeyField(Business, column_name="business_id", null=True)
     started_at = peewee.DateTimeField()
     ended_at = peewee.DateTimeField(null=True)

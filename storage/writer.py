@@ -13,6 +13,7 @@ import peewee
 import trio
 
 from app.logs import log_event
+from storage.db import is_sqlite
 from storage.models import Business, Call, CallEvent, TranscriptTurn, as_utc
 from storage.records import (
     CallEnded, CallEventRecord, CallRecord, CallStarted, TranscriptTurnRecord, WhatsappStatusRecord,
@@ -26,6 +27,7 @@ RETRY_BASE_DELAY_S = 0.5
 RETRY_MAX_DELAY_S = 10.0
 # At shutdown a dead database must not hold the process forever: give up after this many tries.
 SHUTDOWN_ATTEMPTS = 3
+STATEMENT_TIMEOUT_MS = 10_000
 
 
 class UnknownCallError(LookupError):
@@ -110,8 +112,9 @@ class StorageWriter:
     async def _write_with_retries(self, batch: list[CallRecord], max_attempts: int | None) -> None:
         for attempt in itertools.count(1):
             try:
-                failures = await trio.to_thread.run_sync(write_batch, self._database, batch)
-            except peewee.DatabaseError as error:
+                failures = await trio.to_thread.run_sync(write_batch_on_a_live_connection, self._database, batch)
+            except Exception as error:
+                # Whatever fails here (the database, or a bug of ours) is retried: it must never end the calls.
                 if max_attempts is not None and attempt >= max_attempts:
                     _log_records_lost(batch, error)
                     return
@@ -149,14 +152,30 @@ def retry_delay_s(attempt: int) -> float:
     return min(RETRY_MAX_DELAY_S, RETRY_BASE_DELAY_S * 2 ** (attempt - 1))
 
 
+def write_batch_on_a_live_connection(
+        database: peewee.Database, batch: list[CallRecord]) -> list[tuple[CallRecord, Exception]]:
+    """write_batch(), dropping this thread's connection when it fails: after a PostgreSQL restart or
+    failover the connection is dead (psycopg2 says "connection already closed", a peewee.InterfaceError),
+    and peewee would hand the same one to the next attempt. The next query opens a new one."""
+    try:
+        return write_batch(database, batch)
+    except peewee.PeeweeException:
+        database.close()
+        raise
+
+
 def write_batch(database: peewee.Database, batch: list[CallRecord]) -> list[tuple[CallRecord, Exception]]:
     """Write `batch` in one transaction; a record that fails rolls back alone (savepoint).
 
-    Returns the records that failed with their errors. Raises peewee.DatabaseError when the
-    database itself fails (unreachable, locked), in which case nothing of the batch is written.
+    Returns the records that failed with their errors. Raises a peewee error when the database
+    itself fails (unreachable, locked, its connection dead), in which case nothing of the batch is
+    written.
     """
     failures = []
     with database.atomic():
+        if not is_sqlite(database):
+            # A table locked by someone else must not hold the writer (and the shutdown flush) forever.
+            database.execute_sql(f"SET LOCAL statement_timeout = {STATEMENT_TIMEOUT_MS}")
         for record in batch:
             try:
                 with database.atomic():

@@ -8,7 +8,9 @@ import os
 import shutil
 import sys
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -31,11 +33,9 @@ def postgres_server_url(environ=os.environ) -> str:
     return server_url
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'callgate.db'}"
-        return
+@contextmanager
+def fresh_postgres_database() -> Iterator[str]:
+    """The URL of a new, empty PostgreSQL database, dropped afterwards."""
     server_url = postgres_server_url()
     name = f"callgate_test_{uuid.uuid4().hex[:12]}"
     run_outside_transaction(server_url, f'CREATE DATABASE "{name}"')
@@ -43,6 +43,22 @@ def database_url(request, tmp_path):
         yield server_url.rsplit("/", 1)[0] + "/" + name
     finally:
         run_outside_transaction(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path):
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'callgate.db'}"
+        return
+    with fresh_postgres_database() as url:
+        yield url
+
+
+@pytest.fixture
+def postgres_database_url():
+    """For what only a PostgreSQL server does (its connections, its timeouts)."""
+    with fresh_postgres_database() as url:
+        yield url
 
 
 @pytest.fixture

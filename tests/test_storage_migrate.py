@@ -313,3 +313,18 @@ def test_processes_migrating_at_once_apply_each_migration_exactly_once(
     assert sorted(name for names in applied_by_each for name in names) == sorted(every_name)
     recorded = database.execute_sql("SELECT name FROM schema_migrations ORDER BY id").fetchall()
     assert [name for name, in recorded] == every_name
+
+
+def test_an_upgrade_from_0007_keeps_the_calls_and_takes_numbers_of_any_length(database):
+    migrations = load_migrations()
+    apply_migrations(database, migrations=migrations[:ALL_NAMES.index("0008_call_numbers_as_text")])
+    database.execute_sql("INSERT INTO calls (call_sid, stream_sid, from_number, to_number, started_at) "
+                         "VALUES ('CA1', 'MZ1', '+972501234567', '+15550001111', '2025-01-02 03:04:05')")
+    sip_caller = "sip:+14155550100@callgate-test.sip.us1.twilio.com;transport=tls"
+
+    assert [outcome.name for outcome in apply_migrations(database)] == ["0008_call_numbers_as_text"]
+
+    database.execute_sql("INSERT INTO calls (call_sid, stream_sid, from_number, to_number, started_at) "
+                         f"VALUES ('CA2', 'MZ2', '{sip_caller}', '{sip_caller}', '2025-01-02 03:04:06')")
+    assert table_rows(database, "calls", ["call_sid", "from_number"]) == [
+        ("CA1", "+972501234567"), ("CA2", sip_caller)]

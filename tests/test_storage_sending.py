@@ -86,7 +86,9 @@ def test_an_upgrade_from_0006_keeps_failed_rows_untimed_and_indexes_errors_by_ti
     database.execute_sql("UPDATE whatsapp_broadcast_recipients SET status = 'failed', error_code = 131026, "
                          "error_message = 'Message undeliverable'")
 
-    assert [outcome.name for outcome in apply_migrations(database)] == ["0007_recipient_error_time"]
+    assert [outcome.name for outcome in apply_migrations(
+        database, migrations=[migration for migration in load_migrations() if migration.id < 8])] == [
+        "0007_recipient_error_time"]
 
     rows = WhatsappBroadcastRecipient.select().where(WhatsappBroadcastRecipient.broadcast == broadcast.id)
     assert [(row.status, row.error_code, row.error_at) for row in rows] == [("failed", 131026, None)] * 2

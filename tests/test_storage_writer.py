@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import socket
 import threading
 from datetime import datetime, timedelta, timezone
 
+import peewee
+import psycopg2
 import pytest
 import trio
 
+import storage.db
 import storage.writer
 from storage.migrate import apply_migrations
 from storage.models import (
@@ -16,7 +21,7 @@ from storage.models import (
 )
 from storage.records import CallEnded, CallEventRecord, CallStarted, TranscriptTurnRecord, WhatsappStatusRecord
 from storage.writer import StorageWriter, retry_delay_s
-from tests.storage_fixtures import database, database_url  # noqa: F401 (fixtures)
+from tests.storage_fixtures import database, database_url, postgres_database_url  # noqa: F401 (fixtures)
 
 CALL_START = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)
 # Israel in March is UTC+2: the writer must store this as 12:00:01 UTC.
@@ -54,6 +59,14 @@ def call_sid(number: int) -> str:
 def migrated(database):
     apply_migrations(database)
     return database
+
+
+@pytest.fixture
+def postgres_migrated(postgres_database_url):
+    database = storage.db.open_database(postgres_database_url)
+    apply_migrations(database)
+    yield database
+    database.close()
 
 
 @pytest.fixture
@@ -417,3 +430,126 @@ async def test_a_queue_still_at_capacity_does_not_warn_again(migrated, caplog, m
         nursery.cancel_scope.cancel()
 
     assert len(storage_log_lines(caplog, logging.WARNING)) == 1
+
+
+def terminate_other_connections(database_url: str) -> int:
+    """What a PostgreSQL restart or failover does to the writer: its connections die under it."""
+    server_url = database_url.rsplit("/", 1)[0] + "/postgres"
+    name = database_url.rsplit("/", 1)[1]
+    connection = psycopg2.connect(server_url)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                           "WHERE datname = %s AND pid <> pg_backend_pid()", (name,))
+            return cursor.fetchone()[0]
+    finally:
+        connection.close()
+
+
+async def test_connections_killed_under_the_writer_are_replaced_and_no_record_is_lost(
+        postgres_migrated, postgres_database_url, caplog, monkeypatch):
+    caplog.set_level(logging.INFO, logger="storage.writer")
+    monkeypatch.setattr(storage.writer, "RETRY_BASE_DELAY_S", 0.01)
+    postgres_migrated.close()  # the test's own connection dies too; peewee opens a new one when it next reads
+    writer = StorageWriter(postgres_migrated)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        for number in range(3):
+            for record in simulated_call(call_sid(number))[:3]:
+                writer.submit(record)
+            await flush(writer)
+            assert await trio.to_thread.run_sync(terminate_other_connections, postgres_database_url) >= 1
+        for number in range(3):
+            for record in simulated_call(call_sid(number))[3:]:
+                writer.submit(record)
+        await flush(writer)
+        nursery.cancel_scope.cancel()
+
+    assert [call.end_reason for call in Call.select().order_by(Call.call_sid)] == ["caller_hung_up"] * 3
+    assert CallEvent.select().count() == 9 and TranscriptTurn.select().count() == 6
+    retries = storage_log_lines(caplog, logging.WARNING)
+    assert retries and all("database write failed; retrying" in line for line in retries)
+    assert not storage_log_lines(caplog, logging.ERROR)
+
+
+async def test_a_table_locked_by_someone_else_times_the_write_out_and_it_is_retried(
+        postgres_migrated, postgres_database_url, caplog, monkeypatch):
+    caplog.set_level(logging.INFO, logger="storage.writer")
+    monkeypatch.setattr(storage.writer, "RETRY_BASE_DELAY_S", 0.01)
+    monkeypatch.setattr(storage.writer, "STATEMENT_TIMEOUT_MS", 100)
+    locker = psycopg2.connect(postgres_database_url)
+    locker.cursor().execute("LOCK TABLE calls IN ACCESS EXCLUSIVE MODE")  # held until the transaction ends
+    writer = StorageWriter(postgres_migrated)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        try:
+            writer.submit(simulated_call("CAlocked")[0])
+            with trio.fail_after(HANG_GUARD_S):
+                while not storage_log_lines(caplog, logging.WARNING):
+                    await trio.sleep(0.01)
+        finally:
+            locker.rollback()  # even when the write never timed out: the writer could not stop otherwise
+            locker.close()
+        await flush(writer)
+        nursery.cancel_scope.cancel()
+
+    assert "statement timeout" in storage_log_lines(caplog, logging.WARNING)[0]
+    assert Call.select().where(Call.call_sid == "CAlocked").count() == 1
+
+
+def test_a_postgresql_server_that_never_answers_fails_the_connection_within_its_timeout(monkeypatch):
+    listener = socket.create_server(("127.0.0.1", 0))  # accepts, then says nothing: a blackholed server
+    monkeypatch.setattr(storage.db, "POSTGRES_CONNECT_TIMEOUT_S", 2)  # libpq's least
+    database = storage.db.open_database(f"postgresql://callgate:x@127.0.0.1:{listener.getsockname()[1]}/callgate")
+    errors = []
+
+    def connect() -> None:
+        try:
+            database.connect()
+        except peewee.OperationalError as error:
+            errors.append(error)
+
+    attempt = threading.Thread(target=connect, daemon=True)  # without a timeout libpq would wait for ever
+    attempt.start()
+    attempt.join(HANG_GUARD_S)
+    listener.close()
+    assert len(errors) == 1 and "timeout" in str(errors[0])
+
+
+async def test_a_bug_of_ours_in_a_batch_write_is_retried_and_never_stops_the_writer(migrated, caplog, monkeypatch):
+    caplog.set_level(logging.INFO, logger="storage.writer")
+    monkeypatch.setattr(storage.writer, "RETRY_BASE_DELAY_S", 0.01)
+    real_write_batch, calls = storage.writer.write_batch, []
+
+    def fails_once(database, batch):
+        calls.append(len(batch))
+        if len(calls) == 1:
+            raise RuntimeError("a bug")
+        return real_write_batch(database, batch)
+
+    monkeypatch.setattr(storage.writer, "write_batch", fails_once)
+    writer = StorageWriter(migrated)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        for record in simulated_call("CAbug"):
+            writer.submit(record)
+        await flush(writer)
+        nursery.cancel_scope.cancel()
+
+    assert calls == [7, 7]
+    assert storage_log_lines(caplog, logging.WARNING) == [
+        "call=CAbug [STORAGE] database write failed; retrying records=7 attempt=1 error='a bug'"]
+    assert Call.get(Call.call_sid == "CAbug").end_reason == "caller_hung_up"
+
+
+async def test_a_sip_caller_id_is_stored_whole_with_every_record_of_its_call(writer):
+    sip_caller = "sip:+14155550100@callgate-test.sip.us1.twilio.com;transport=tls"
+    started, *rest = simulated_call("CAsip")
+    writer.submit(dataclasses.replace(started, from_number=sip_caller))
+    for record in rest:
+        writer.submit(record)
+    await flush(writer)
+
+    call = Call.get(Call.call_sid == "CAsip")
+    assert (call.from_number, call.end_reason) == (sip_caller, "caller_hung_up")
+    assert CallEvent.select().count() == 3 and TranscriptTurn.select().count() == 2
