@@ -22,6 +22,7 @@ MAX_HEAD_BYTES = 16 * 1024
 MAX_BODY_BYTES = 1024 * 1024
 REQUEST_TIMEOUT_S = 10
 KEEP_ALIVE_IDLE_S = 30
+CLOSE_TIMEOUT_S = 2  # for the client's answer to our close; a client that never answers is cut off
 CARRIER_MAX_MESSAGE_BYTES = 64 * 1024  # a Twilio frame is well under 1 KiB; a big one is an attack
 
 
@@ -144,7 +145,12 @@ class Router:
                 idle = False
                 headers = {name.decode().lower(): value.decode("latin-1") for name, value in request.headers}
                 if headers.get("upgrade", "").lower() == "websocket":
-                    timer.deadline = math.inf
+                    refusal = _websocket_handshake_refusal(headers)
+                    if refusal is not None:
+                        logger.warning("call=- [HTTP] WebSocket upgrade refused why=%r", refusal)
+                        await _send_response(connection, stream, HttpResponse(400, refusal.encode()))
+                        return
+                    timer.deadline = math.inf  # each phase of the WebSocket bounds itself
                     await self._serve_websocket(_ReplayStream(stream, bytes(received)))
                     return
                 body = await _read_body(connection, stream, received)
@@ -188,8 +194,19 @@ class Router:
             handler = self._websocket.get(urlsplit(ws_request.path).path)
             if handler is None:
                 await ws_request.reject(404, body=b"no WebSocket at this path")
-                return
-            await handler(ws_request)
+            else:
+                await handler(ws_request)
+            # The library's reader task waits on the client, which may never close: the connection ends with us.
+            nursery.cancel_scope.cancel()
+
+
+def _websocket_handshake_refusal(headers: dict[str, str]) -> str | None:
+    """Why an upgrade request cannot become a WebSocket (RFC 6455 4.2.1), or None."""
+    if not headers.get("sec-websocket-key"):
+        return "Sec-WebSocket-Key is required"
+    if headers.get("sec-websocket-version") != "13":
+        return "Sec-WebSocket-Version must be 13"
+    return None
 
 
 async def _answer_while_client_stays(

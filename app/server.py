@@ -12,7 +12,7 @@ from trio_websocket import ConnectionClosed, DisconnectionTimeout, HandshakeErro
 
 from app.call import CallSession, ModelEndpoint, Recorder, open_model_socket
 from app.carriers import twilio
-from app.http import HttpRequest, HttpResponse, Router
+from app.http import CLOSE_TIMEOUT_S, HttpRequest, HttpResponse, Router
 from app.logs import log_event
 from app.realtime.local import LocalRealtimeModel
 from app.settings import Settings
@@ -112,7 +112,8 @@ class CallgateServer:
             if start is not None and self._stream_is_acceptable(start):
                 await self._run_call(start, carrier)
         finally:
-            await carrier.aclose()
+            with trio.move_on_after(CLOSE_TIMEOUT_S):
+                await carrier.aclose()
         if start is not None:
             await self._flush_records(start.call_sid)
 

@@ -3,6 +3,8 @@ kept-alive connections."""
 
 from __future__ import annotations
 
+import gc
+import os
 import socket
 from functools import partial
 
@@ -13,8 +15,8 @@ from trio_websocket import HandshakeError, open_websocket_url
 
 from app.carriers import twilio
 from app.carriers.simulated_twilio import stream_from_twiml
-from app.http import KEEP_ALIVE_IDLE_S, REQUEST_TIMEOUT_S, HttpRequest, HttpResponse, Router
-from app.server import serve
+from app.http import CLOSE_TIMEOUT_S, KEEP_ALIVE_IDLE_S, REQUEST_TIMEOUT_S, HttpRequest, HttpResponse, Router
+from app.server import MEDIA_PATH, START_TIMEOUT_S, serve
 from app.settings import Settings
 
 AUTH_TOKEN = "12345"
@@ -224,3 +226,86 @@ async def test_a_request_read_in_the_turn_its_deadline_passed_never_starts_a_han
             assert await trio.socket.from_stdlib_socket(client).recv(65536) == b""
     await with_router(router, check)
     assert started == []
+
+
+UPGRADE = ("GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+           "{key}Sec-WebSocket-Version: 13\r\n\r\n")
+KEY = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+
+
+async def until_the_server_closes(stream: trio.abc.Stream) -> bytes:
+    """Everything the server sends, read without ever answering, until it closes the connection."""
+    received = b""
+    while chunk := await stream.receive_some(65536):
+        received += chunk
+    return received
+
+
+def open_descriptors() -> int:
+    gc.collect()  # sockets earlier tests dropped are closed when collected: not ours to count
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_an_upgrade_without_a_key_is_refused_at_once(tmp_path, autojump_clock):
+    async def check(port):
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+            await stream.send_all(UPGRADE.format(path=MEDIA_PATH, key="").encode())
+            with trio.fail_after(1):
+                response = await until_the_server_closes(stream)
+        assert response.startswith(b"HTTP/1.1 400 ") and response.endswith(b"Sec-WebSocket-Key is required")
+    await with_server(tmp_path, check)
+
+
+@pytest.mark.parametrize(("path", "status"), [("/nowhere", b"404"), (MEDIA_PATH, b"403")])
+async def test_a_refused_upgrade_is_closed_by_the_server_whatever_the_client_does(tmp_path, autojump_clock,
+                                                                                  path, status):
+    async def check(port):
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+            await stream.send_all(UPGRADE.format(path=path, key=KEY).encode())
+            with trio.fail_after(CLOSE_TIMEOUT_S + 1):
+                response = await until_the_server_closes(stream)
+        assert response.startswith(b"HTTP/1.1 " + status)
+    await with_server(tmp_path, check, twilio_auth_token=AUTH_TOKEN)
+
+
+async def test_a_stream_that_never_starts_and_never_answers_the_close_is_cut_off(tmp_path, autojump_clock):
+    async def check(port):
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+            await stream.send_all(UPGRADE.format(path=MEDIA_PATH, key=KEY).encode())
+            with trio.fail_after(START_TIMEOUT_S + CLOSE_TIMEOUT_S + 1):
+                received = await until_the_server_closes(stream)
+        assert received.startswith(b"HTTP/1.1 101 ")
+        assert b"\x88" in received.partition(b"\r\n\r\n")[2][:1]  # the server's close frame, never answered
+    await with_server(tmp_path, check)
+
+
+async def test_hostile_connections_leave_no_descriptor_behind(tmp_path, autojump_clock):
+    requests = [UPGRADE.format(path=MEDIA_PATH, key=""), UPGRADE.format(path="/nowhere", key=KEY),
+                UPGRADE.format(path=MEDIA_PATH, key=KEY), "GET /healthz HTTP/1.1\r\nHost: x\r\n"]  # the last, unfinished
+
+    async def check(port):
+        await http(port, HEALTH)
+        baseline = open_descriptors()
+
+        async def hostile(request: str) -> None:
+            async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+                await stream.send_all(request.encode())
+                await until_the_server_closes(stream)
+
+        with trio.fail_after(START_TIMEOUT_S + CLOSE_TIMEOUT_S + 1):
+            async with trio.open_nursery() as clients:
+                for request in requests * 25:
+                    clients.start_soon(hostile, request)
+        await trio.sleep(0.1)
+        assert open_descriptors() == baseline
+    await with_server(tmp_path, check)
+
+
+async def test_an_upgrade_the_websocket_library_refuses_is_closed_at_once(tmp_path, autojump_clock):
+    async def check(port):
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+            upgrade = UPGRADE.format(path=MEDIA_PATH, key=KEY).replace("Connection: Upgrade", "Connection: keep-alive")
+            await stream.send_all(upgrade.encode())
+            with trio.fail_after(1):
+                assert (await until_the_server_closes(stream)).startswith(b"HTTP/1.1 400 ")
+    await with_server(tmp_path, check)
