@@ -7,6 +7,7 @@ import logging
 import secrets
 from functools import partial
 
+import peewee
 import trio
 from trio_websocket import ConnectionClosed, DisconnectionTimeout, HandshakeError, WebSocketConnection, WebSocketRequest
 
@@ -17,7 +18,7 @@ from app.logs import log_event
 from app.realtime.local import LocalRealtimeModel
 from app.settings import Settings
 from app.whatsapp import webhook
-from storage.db import open_database
+from storage.db import database_answers, open_database
 from storage.migrate import apply_migrations
 from storage.records import WhatsappStatusRecord
 from storage.writer import StorageWriter
@@ -25,6 +26,7 @@ from storage.writer import StorageWriter
 logger = logging.getLogger("callgate.server")
 
 START_TIMEOUT_S = 10
+READINESS_TIMEOUT_S = 2
 FLUSH_AT_HANG_UP_TIMEOUT_S = 5
 MEDIA_PATH = "/media/twilio"
 CALL_OPTIONS = ("business_id", "barge_in")
@@ -34,10 +36,13 @@ WHATSAPP_WEBHOOK_PATH = "/whatsapp/webhook"
 class CallgateServer:
     """Routes and per-call lifecycles; knows nothing of turn-taking, which lives in each CallSession."""
 
-    def __init__(self, settings: Settings, endpoint: ModelEndpoint, recorder: Recorder) -> None:
+    def __init__(self, settings: Settings, endpoint: ModelEndpoint, writer: StorageWriter,
+                 database: peewee.Database) -> None:
         self.settings = settings
         self.endpoint = endpoint
-        self.recorder = recorder
+        self.recorder: Recorder = writer
+        self.writer = writer
+        self.database = database
         self.active_calls: dict[str, CallSession] = {}
         self.stream_token_secret = settings.stream_token_secret or settings.twilio_auth_token
         if not self.stream_token_secret:
@@ -45,14 +50,34 @@ class CallgateServer:
             self.stream_token_secret = secrets.token_hex(32)
             logger.warning("call=- [SERVER] CALLGATE_STREAM_TOKEN_SECRET unset: stream tokens are valid in this process only")
         self.router = Router()
-        self.router.http("GET", "/healthz", self.healthz)
+        self.router.http("GET", "/livez", self.livez)
+        self.router.http("GET", "/healthz", self.livez)
+        self.router.http("GET", "/readyz", self.readyz)
         self.router.http("POST", "/twilio/voice", self.twilio_voice)
         self.router.websocket(MEDIA_PATH, self.media_stream)
         self.router.http("GET", WHATSAPP_WEBHOOK_PATH, self.whatsapp_verification)
         self.router.http("POST", WHATSAPP_WEBHOOK_PATH, self.whatsapp_callback)
 
-    async def healthz(self, request: HttpRequest) -> HttpResponse:
-        return HttpResponse.json(200, {"status": "ok", "active_calls": len(self.active_calls)})
+    async def livez(self, request: HttpRequest) -> HttpResponse:
+        """The process answers; what it is doing is nobody's business on a public port."""
+        return HttpResponse.json(200, {"status": "ok"})
+
+    async def readyz(self, request: HttpRequest) -> HttpResponse:
+        """Ready for new calls: the database answers and the writer's backlog is under its bound."""
+        problems = []
+        if self.writer.queued_count >= self.writer.capacity:
+            problems.append("storage writer backlog over its bound")
+        with trio.move_on_after(READINESS_TIMEOUT_S) as waited:
+            try:
+                await trio.to_thread.run_sync(database_answers, self.database, abandon_on_cancel=True)
+            except peewee.PeeweeException as error:
+                problems.append(f"database unreachable ({type(error).__name__})")
+        if waited.cancelled_caught:
+            problems.append(f"database did not answer within {READINESS_TIMEOUT_S} s")
+        if problems:
+            log_event(logger, "-", "SERVER", "not ready", level=logging.WARNING, problems=problems)
+            return HttpResponse.json(503, {"status": "not ready", "problems": problems})
+        return HttpResponse.json(200, {"status": "ready"})
 
     async def twilio_voice(self, request: HttpRequest) -> HttpResponse:
         form = request.form()
@@ -215,7 +240,7 @@ async def serve(settings: Settings, *, task_status=trio.TASK_STATUS_IGNORED) -> 
         try:
             async with trio.open_nursery() as nursery:
                 endpoint = await start_model_endpoint(settings, nursery)
-                server = CallgateServer(settings, endpoint, writer)
+                server = CallgateServer(settings, endpoint, writer, database)
                 listeners = await nursery.start(
                     partial(trio.serve_tcp, server.router.handle_connection, settings.port, host=settings.host)
                 )

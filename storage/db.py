@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
+from typing import Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 import peewee
@@ -53,6 +55,24 @@ def _switch_to_wal(database: peewee.SqliteDatabase) -> None:
             if "locked" not in str(error) or time.monotonic() > deadline:
                 raise
             time.sleep(SQLITE_WAL_RETRY_S)
+
+
+@contextmanager
+def dropping_the_connection_on_failure(database: peewee.Database) -> Iterator[None]:
+    """Close this thread's connection when the block raises a peewee error: after a PostgreSQL restart
+    or failover it is dead (psycopg2's "connection already closed", a peewee.InterfaceError), and
+    peewee would hand the same one to the next query. The next query opens a new one."""
+    try:
+        yield
+    except peewee.PeeweeException:
+        database.close()
+        raise
+
+
+def database_answers(database: peewee.Database) -> None:
+    """Raise the peewee error when the database does not answer a query."""
+    with dropping_the_connection_on_failure(database):
+        database.execute_sql("SELECT 1")
 
 
 def is_sqlite(database: peewee.Database) -> bool:

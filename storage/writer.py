@@ -13,7 +13,7 @@ import peewee
 import trio
 
 from app.logs import log_event
-from storage.db import is_sqlite
+from storage.db import dropping_the_connection_on_failure, is_sqlite
 from storage.models import Business, Call, CallEvent, TranscriptTurn, as_utc
 from storage.records import (
     CallEnded, CallEventRecord, CallRecord, CallStarted, TranscriptTurnRecord, WhatsappStatusRecord,
@@ -55,6 +55,10 @@ class StorageWriter:
     @property
     def queued_count(self) -> int:
         return len(self._pending)
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
 
     def submit(self, record: CallRecord) -> None:
         """Queue `record` for writing; never blocks, never drops it."""
@@ -154,14 +158,9 @@ def retry_delay_s(attempt: int) -> float:
 
 def write_batch_on_a_live_connection(
         database: peewee.Database, batch: list[CallRecord]) -> list[tuple[CallRecord, Exception]]:
-    """write_batch(), dropping this thread's connection when it fails: after a PostgreSQL restart or
-    failover the connection is dead (psycopg2 says "connection already closed", a peewee.InterfaceError),
-    and peewee would hand the same one to the next attempt. The next query opens a new one."""
-    try:
+    """write_batch(), on a new connection next time if this one failed."""
+    with dropping_the_connection_on_failure(database):
         return write_batch(database, batch)
-    except peewee.PeeweeException:
-        database.close()
-        raise
 
 
 def write_batch(database: peewee.Database, batch: list[CallRecord]) -> list[tuple[CallRecord, Exception]]:

@@ -4,6 +4,7 @@ kept-alive connections."""
 from __future__ import annotations
 
 import gc
+import json
 import os
 import socket
 from functools import partial
@@ -16,8 +17,13 @@ from trio_websocket import HandshakeError, open_websocket_url
 from app.carriers import twilio
 from app.carriers.simulated_twilio import stream_from_twiml
 from app.http import CLOSE_TIMEOUT_S, KEEP_ALIVE_IDLE_S, REQUEST_TIMEOUT_S, HttpRequest, HttpResponse, Router
-from app.server import MEDIA_PATH, START_TIMEOUT_S, serve
+from app.call import ModelEndpoint
+from app.server import MEDIA_PATH, START_TIMEOUT_S, CallgateServer, serve
 from app.settings import Settings
+from storage.db import open_database, run_outside_transaction
+from storage.records import WhatsappStatusRecord
+from storage.writer import StorageWriter
+from tests.storage_fixtures import postgres_database_url  # noqa: F401 (fixture)
 
 AUTH_TOKEN = "12345"
 PUBLIC_HOST = "calls.example.com"
@@ -50,8 +56,8 @@ async def with_server(tmp_path, test, **overrides):
 
 async def test_health_and_unknown_routes(tmp_path, autojump_clock):
     async def check(port):
-        status, body = await http(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert (status, body) == (200, b'{"status": "ok", "active_calls": 0}')
+        for path in ("/livez", "/healthz"):  # alive, and nothing more told to the public
+            assert await http(port, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()) == (200, b'{"status": "ok"}')
         assert (await http(port, b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n"))[0] == 404
         assert (await http(port, b"GET /twilio/voice HTTP/1.1\r\nHost: x\r\n\r\n"))[0] == 405
         assert (await http(port, b"garbage\r\n\r\n"))[0] == 400
@@ -309,3 +315,35 @@ async def test_an_upgrade_the_websocket_library_refuses_is_closed_at_once(tmp_pa
             with trio.fail_after(1):
                 assert (await until_the_server_closes(stream)).startswith(b"HTTP/1.1 400 ")
     await with_server(tmp_path, check)
+
+
+# On the real clock (the database check runs in a thread), so each asks to close rather than idle 30 s.
+READY = b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+ALIVE = b"GET /livez HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+
+
+async def test_a_database_gone_makes_the_server_unready_and_alive(postgres_database_url):
+    settings = Settings(database_url=postgres_database_url, port=0, public_host=PUBLIC_HOST)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(serve, settings)
+        assert await http(port, READY) == (200, b'{"status": "ready"}')
+        server_url, name = postgres_database_url.rsplit("/", 1)
+        await trio.to_thread.run_sync(run_outside_transaction, server_url + "/postgres",
+                                      f'DROP DATABASE "{name}" WITH (FORCE)')
+        for _ in range(2):  # the dead connection is dropped, and a new one cannot be made
+            status, body = await http(port, READY)
+            assert (status, json.loads(body)) == (503, {"status": "not ready", "problems": [
+                "database unreachable (OperationalError)"]})
+        assert (await http(port, ALIVE))[0] == 200
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_writer_backlog_at_its_bound_makes_the_server_unready(tmp_path):
+    database = open_database(f"sqlite:///{tmp_path / 'r.db'}")
+    writer = StorageWriter(database, capacity=2)
+    server = CallgateServer(Settings(), ModelEndpoint("ws://127.0.0.1:1", "m", "k"), writer, database)
+    writer.submit(WhatsappStatusRecord("wamid.1", "sent", None, None, None))
+    assert (await server.readyz(None)).status == 200
+    writer.submit(WhatsappStatusRecord("wamid.2", "sent", None, None, None))
+    response = await server.readyz(None)
+    assert (response.status, json.loads(response.body)["problems"]) == (503, ["storage writer backlog over its bound"])
