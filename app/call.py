@@ -9,7 +9,7 @@ import binascii
 import logging
 import math
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import AsyncIterator, Protocol
 from urllib.parse import quote, urlsplit
@@ -24,8 +24,8 @@ from app.playback import Playback, PlayoutReference
 from app.realtime import protocol
 from app.settings import Settings
 from app.turn_events import (
-    CallEnding, CallStarted, ClearCarrier, DtmfPressed, Log, MarkPlayed, PlayAudio, RecordEvent, RecordTranscript,
-    SendToModel, StopPlayback, Tick, TurnAction, TurnEvent, VoiceOnset,
+    CallEnding, CallStarted, ClearCarrier, CloseCall, DtmfPressed, HangUp, Log, MarkPlayed, PlayAudio, RecordEvent,
+    RecordTranscript, SendToModel, StopPlayback, Tick, TurnAction, TurnEvent, VoiceOnset,
 )
 from app.turns import InboundDisposition, Turns
 from dsp.g711 import ULAW_SILENCE
@@ -39,6 +39,8 @@ MODEL_CONNECT_TIMEOUT_S = 10
 MODEL_DISCONNECT_TIMEOUT_S = 1  # the model socket must be closed within 1 s of hang-up
 MODEL_OUTBOX_EVENTS = 1000  # 20 s of inbound audio: beyond that the model link is dead, not slow
 INBOUND_QUEUE_FRAMES = 50
+CARRIER_SILENCE_TIMEOUT_S = 5  # Twilio sends a frame every 20 ms, silence included: 5 s of nothing is a dead line
+CLOSING_LINE_TIMEOUT_S = 20  # the closing line's longest: a model that never says it does not hold the call
 SILENT_FRAME = bytes([ULAW_SILENCE]) * twilio.MEDIA_FRAME_BYTES
 
 
@@ -54,7 +56,7 @@ class ModelEndpoint:
 
     url: str
     model: str
-    api_key: str
+    api_key: str = field(repr=False)
 
     @property
     def connect_url(self) -> str:
@@ -131,6 +133,7 @@ class CallSession:
                 nursery.start_soon(self._model_reader, model)
                 nursery.start_soon(self._model_writer, model)
                 nursery.start_soon(self._playback.run)
+                nursery.start_soon(self._close_at_max_duration)
                 self.feed(CallStarted())
         except* ModelLinkLost as lost:
             self.end_reason = "model_link_lost"
@@ -145,6 +148,21 @@ class CallSession:
     def hang_up(self, reason: str) -> None:
         self.end_reason = self.end_reason or reason
         self._nursery.cancel_scope.cancel()
+
+    def close(self, reason: str) -> None:
+        """End the call after the bot's closing line, or CLOSING_LINE_TIMEOUT_S from now, whichever is first."""
+        self.feed(CloseCall(reason))
+        self._nursery.start_soon(self._hang_up_after, CLOSING_LINE_TIMEOUT_S, reason)
+
+    async def _hang_up_after(self, delay_s: float, reason: str) -> None:
+        await trio.sleep(delay_s)
+        self.log("CALL", "closing line not heard in time, hanging up", level=logging.WARNING, reason=reason)
+        self.hang_up(reason)
+
+    async def _close_at_max_duration(self) -> None:
+        await trio.sleep(self.settings.max_call_s)
+        self.log("CALL", "call reached its maximum duration", max_call_s=self.settings.max_call_s)
+        self.close("max_duration")
 
     def feed(self, event: TurnEvent) -> None:
         """Hand one event to the turn-taking machine and carry out its actions at once, in order."""
@@ -167,6 +185,8 @@ class CallSession:
             case RecordEvent(kind, detail):
                 self._recorder.submit(CallEventRecord(
                     call_sid=self.call_sid, kind=kind, at=self._wall_time(trio.current_time()), detail=detail))
+            case HangUp(reason):
+                self.hang_up(reason)
             case RecordTranscript(role, text, started_at_s, truncated, heard_ms):
                 self._recorder.submit(TranscriptTurnRecord(
                     call_sid=self.call_sid, role=role, text=text, started_at=self._wall_time(started_at_s),
@@ -187,7 +207,13 @@ class CallSession:
     async def _carrier_reader(self, carrier: WebSocketConnection) -> None:
         try:
             while True:
-                text = await carrier.get_message()
+                with trio.move_on_after(CARRIER_SILENCE_TIMEOUT_S) as waited:
+                    text = await carrier.get_message()
+                if waited.cancelled_caught:
+                    self.log("CARRIER", "no message from the carrier, hanging up", level=logging.WARNING,
+                             silent_s=CARRIER_SILENCE_TIMEOUT_S)
+                    self.hang_up("carrier_silent")
+                    return
                 self._on_carrier_message(text)
         except ConnectionClosed:
             self.hang_up("carrier_closed")

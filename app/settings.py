@@ -22,8 +22,8 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
     public_host: str = "localhost:8080"
-    twilio_auth_token: str = ""
-    stream_token_secret: str = ""
+    twilio_auth_token: str = field(default="", repr=False)
+    stream_token_secret: str = field(default="", repr=False)
     log_level: str = "INFO"
 
     # Model connection
@@ -35,6 +35,9 @@ class Settings:
         "their questions in short spoken sentences."
     )
     voice: str = "marin"
+    closing_instructions: str = (
+        "The call must end now. Say one short, polite goodbye in the caller's language, and nothing else."
+    )
     server_vad_threshold: float = 0.82
     server_vad_prefix_padding_ms: int = 300
     server_vad_silence_duration_ms: int = 650
@@ -51,6 +54,7 @@ class Settings:
     first_response_max_retries: int = 2
     playback_lead_ms: int = 200
     playback_chunk_ms: int = 100
+    max_call_s: float = 600.0
 
     # Storage
     database_url: str = "sqlite:///callgate.db"
@@ -98,6 +102,8 @@ class Settings:
             raise SettingsError(f"BROADCAST_MAX_RETRIES must be 0 or more, got {self.broadcast_max_retries}")
         if self.broadcast_lease_s <= 0:
             raise SettingsError(f"BROADCAST_LEASE_S must be above 0, got {self.broadcast_lease_s}")
+        if self.max_call_s <= 0:
+            raise SettingsError(f"CALLGATE_MAX_CALL_S must be above 0, got {self.max_call_s}")
         if self.playback_chunk_ms < 20 or self.playback_chunk_ms % 20:
             raise SettingsError(
                 f"CALLGATE_PLAYBACK_CHUNK_MS must be a positive multiple of 20, got {self.playback_chunk_ms}"

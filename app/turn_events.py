@@ -78,13 +78,20 @@ class Tick:
 
 
 @dataclass(frozen=True, slots=True)
+class CloseCall:
+    """End the call politely: silence the bot, have it say its closing line, then hang up with `reason`."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class CallEnding:
     reason: str
 
 
 TurnEvent = Union[
     CallStarted, ResponseCreated, OutputItemAdded, AudioDelta, AudioDone, TranscriptDone, ResponseDone, ModelError,
-    MarkPlayed, VoiceOnset, DtmfPressed, Tick, CallEnding,
+    MarkPlayed, VoiceOnset, DtmfPressed, Tick, CloseCall, CallEnding,
 ]
 
 
@@ -138,4 +145,9 @@ class RecordTranscript:
     heard_ms: int | None
 
 
-TurnAction = Union[SendToModel, PlayAudio, StopPlayback, ClearCarrier, Log, RecordEvent, RecordTranscript]
+@dataclass(frozen=True, slots=True)
+class HangUp:
+    reason: str
+
+
+TurnAction = Union[SendToModel, PlayAudio, StopPlayback, ClearCarrier, Log, RecordEvent, RecordTranscript, HangUp]

@@ -12,14 +12,15 @@ from dataclasses import dataclass, field
 from app.realtime import protocol
 from app.settings import Settings
 from app.turn_events import (
-    AudioDelta, AudioDone, CallEnding, CallStarted, ClearCarrier, DtmfPressed, Log, MarkPlayed, ModelError,
-    OutputItemAdded, PlayAudio, RecordEvent, RecordTranscript, ResponseCreated, ResponseDone, SendToModel,
+    AudioDelta, AudioDone, CallEnding, CallStarted, ClearCarrier, CloseCall, DtmfPressed, HangUp, Log, MarkPlayed,
+    ModelError, OutputItemAdded, PlayAudio, RecordEvent, RecordTranscript, ResponseCreated, ResponseDone, SendToModel,
     StopPlayback, Tick, TranscriptDone, TurnAction, TurnEvent, VoiceOnset,
 )
 
 MULAW_BYTES_PER_MS = 8
 FIRST_RESPONSE_TIMEOUT_S = 10.0
 FIRST_RESPONSE_EVENT_PREFIX = "callgate_first_response_"
+CLOSING_LINE_EVENT_ID = "callgate_closing_line"
 
 
 class InboundDisposition(enum.Enum):
@@ -72,6 +73,22 @@ class ResponseState:
         return not self.active and not self.pending_marks and all(item.settled for item in self.items.values())
 
 
+class ClosingPhase(enum.Enum):
+    QUIETING = "quieting"  # waiting for the responses we cancelled to end: the model takes one at a time
+    REQUESTED = "requested"
+    PLAYING = "playing"
+    OVER = "over"
+
+
+@dataclass(slots=True)
+class Closing:
+    """The call is ending: the bot says its closing line to the end, then the call hangs up with `reason`."""
+
+    reason: str
+    phase: ClosingPhase = ClosingPhase.QUIETING
+    response_id: str = ""
+
+
 @dataclass(frozen=True, slots=True)
 class MarkPosition:
     response_id: str
@@ -96,6 +113,7 @@ class Turns:
         self._marks: dict[str, MarkPosition] = {}
         self._mark_count = 0
         self._sound_since_s: float | None = None
+        self._closing: Closing | None = None
         self._chunk_bytes = settings.playback_chunk_ms * MULAW_BYTES_PER_MS
 
     @property
@@ -114,6 +132,7 @@ class Turns:
     def handle(self, event: TurnEvent, now: float) -> list[TurnAction]:
         actions = self._check_protection_deadline(now)
         actions.extend(self._dispatch(event, now))
+        actions.extend(self._advance_closing())
         self._forget_finished_responses()
         return actions
 
@@ -141,6 +160,8 @@ class Turns:
                 return self._on_voice_onset(voiced_ms, now)
             case DtmfPressed(digit):
                 return self._on_dtmf(digit)
+            case CloseCall(reason):
+                return self._on_close_call(reason)
             case CallEnding(reason):
                 return self._on_call_ending(reason)
             case Tick():
@@ -161,7 +182,9 @@ class Turns:
         self._protection_deadline_why = why
 
     def _on_response_created(self, response_id: str, now: float) -> list[TurnAction]:
-        self._responses.setdefault(response_id, ResponseState(response_id))
+        response = self._responses.setdefault(response_id, ResponseState(response_id))
+        if self._closing is not None:
+            return self._on_response_created_while_closing(response)
         if not (self.first_utterance_protected and self._awaiting_first_response):
             return []
         self._awaiting_first_response = False
@@ -268,6 +291,8 @@ class Turns:
             Log("MODEL_ERROR", error.message, fields, "error"),
             RecordEvent("error", {"code": error.code, "message": error.message}),
         ]
+        if error.event_id == CLOSING_LINE_EVENT_ID and self._closing is not None:
+            self._closing.phase = ClosingPhase.QUIETING  # asked again once the model is quiet
         answers_current_request = error.event_id == f"{FIRST_RESPONSE_EVENT_PREFIX}{self._first_response_attempts}"
         if answers_current_request and self._awaiting_first_response and self.first_utterance_protected:
             actions.extend(self._retry_or_release_first(f"error {error.code}", now))
@@ -311,8 +336,8 @@ class Turns:
 
     # Barge-in: the one condition and the one place that cancels.
     def _on_voice_onset(self, voiced_ms: int, now: float) -> list[TurnAction]:
-        if not self.bot_audible:
-            return []
+        if not self.bot_audible or self._closing is not None:
+            return []  # nothing to stop, or a closing line, which is said to the end
         if self.first_utterance_protected:
             return [Log("FIRST_UTTERANCE", "caller speech ignored while the first utterance plays",
                         {"resp": self.first_response_id})]
@@ -321,19 +346,7 @@ class Turns:
         return self._barge_in(voiced_ms, now)
 
     def _barge_in(self, voiced_ms: int, now: float) -> list[TurnAction]:
-        audible = [response for response in self._responses.values() if response.audible]
-        actions: list[TurnAction] = [StopPlayback(response.response_id) for response in audible]
-        actions.append(ClearCarrier())
-        for response in audible:
-            response.silenced = True
-            for name in response.pending_marks:
-                del self._marks[name]  # their echoes after clear mean flushed, not played
-            response.pending_marks.clear()
-            if response.active:  # a silenced response is never audible again: one cancel per response
-                self._cancelled_response_ids.add(response.response_id)
-                actions.append(SendToModel(protocol.response_cancel(response.response_id)))
-            actions.extend(self._forget_unheard(response))
-            actions.extend(self._settle_items(response))
+        audible, actions = self._silence_audible()
         # The caller's voiced run overlapped the bot's sound only since that sound began.
         sounding_ms = 0 if self._sound_since_s is None else round((now - self._sound_since_s) * 1000)
         talk_over_ms = min(voiced_ms, sounding_ms)
@@ -343,6 +356,67 @@ class Turns:
             "heard_ms": sum(heard.values())}))
         actions.append(RecordEvent("barge_in", {"talk_over_ms": talk_over_ms, "heard_ms": heard}))
         return actions
+
+    def _silence_audible(self) -> tuple[list[ResponseState], list[TurnAction]]:
+        """Stop every response the caller hears or is about to: playback, the carrier's buffer, the model."""
+        audible = [response for response in self._responses.values() if response.audible]
+        if not audible:
+            return [], []
+        actions: list[TurnAction] = [StopPlayback(response.response_id) for response in audible]
+        actions.append(ClearCarrier())
+        for response in audible:
+            response.silenced = True
+            for name in response.pending_marks:
+                del self._marks[name]  # their echoes after clear mean flushed, not played
+            response.pending_marks.clear()
+            if response.active:  # a silenced response is never audible again: one cancel per response
+                actions.append(self._cancel(response))
+            actions.extend(self._forget_unheard(response))
+            actions.extend(self._settle_items(response))
+        return audible, actions
+
+    def _cancel(self, response: ResponseState) -> SendToModel:
+        self._cancelled_response_ids.add(response.response_id)
+        return SendToModel(protocol.response_cancel(response.response_id))
+
+    # Closing: the bot's last words, said to the end, then the hang-up.
+    def _on_close_call(self, reason: str) -> list[TurnAction]:
+        if self._closing is not None:
+            return []
+        self._closing = Closing(reason)
+        actions: list[TurnAction] = [
+            Log("CALL", "closing the call: the closing line, then the hang-up", {"reason": reason}),
+            RecordEvent("closing", {"reason": reason}),
+        ]
+        if self.first_utterance_protected:
+            actions.extend(self._release_protection("the call is closing"))
+        return actions + self._silence_audible()[1]
+
+    def _on_response_created_while_closing(self, response: ResponseState) -> list[TurnAction]:
+        closing = self._closing
+        if closing.phase is ClosingPhase.REQUESTED:
+            closing.phase, closing.response_id = ClosingPhase.PLAYING, response.response_id
+            return []
+        # Not ours (the model's own turn detection answered the caller): the closing line comes instead.
+        response.silenced = True
+        return [self._cancel(response)]
+
+    def _advance_closing(self) -> list[TurnAction]:
+        """The step run after every event: request the closing line once the model is quiet; hang up once it
+        has been heard to the end (or the model ended it without audio)."""
+        closing = self._closing
+        if closing is None:
+            return []
+        if closing.phase is ClosingPhase.QUIETING and not any(r.active for r in self._responses.values()):
+            closing.phase = ClosingPhase.REQUESTED
+            create = protocol.response_create(self.settings.closing_instructions)
+            create["event_id"] = CLOSING_LINE_EVENT_ID
+            return [SendToModel(create)]
+        line = self._responses.get(closing.response_id)
+        if closing.phase is ClosingPhase.PLAYING and (line is None or not line.audible):
+            closing.phase = ClosingPhase.OVER
+            return [Log("CALL", "closing line heard, hanging up", {"reason": closing.reason}), HangUp(closing.reason)]
+        return []
 
     def _forget_unheard(self, response: ResponseState) -> list[TurnAction]:
         """The model forgets what the caller did not hear: truncated where partly heard, deleted where not at all."""
@@ -361,7 +435,7 @@ class Turns:
             RecordEvent("dtmf", {"digit": digit}),
             SendToModel(protocol.user_text_item(f"The caller pressed the phone key {digit}.")),
         ]
-        if not any(response.active for response in self._responses.values()):
+        if self._closing is None and not any(response.active for response in self._responses.values()):
             actions.append(SendToModel(protocol.response_create()))  # a key press deserves an answer
         return actions
 

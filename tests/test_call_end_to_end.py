@@ -202,3 +202,29 @@ async def test_the_seeds_rms_mode_does_not_hear_a_caller_below_its_floor_over_th
     rms_settings = dataclasses.replace(settings, echo_gate_mode="rms")
     report = await simulate_call(rms_settings, "CA" + "3" * 32, PHONE_LINES["clean"], caller)
     assert report.timeline.clear_frames == []
+
+
+async def test_a_call_at_its_maximum_duration_hears_a_closing_line_to_the_end_then_is_hung_up(settings, autojump_clock):
+    settings = dataclasses.replace(settings, max_call_s=12.0)
+    phone = SimulatedPhone(seed=3)
+
+    async def silent_caller(phone, elapsed_s):
+        await trio.sleep(60.0)
+
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(serve, settings)
+        await run_phone_call("127.0.0.1", port, "CA" + "8" * 32, silent_caller, phone)
+        nursery.cancel_scope.cancel()
+
+    hung_up_at = next(at for at, what in phone.timeline.events if what == "server hung up")
+    database = open_database(settings.database_url)
+    with database.bind_ctx([Call, CallEvent, TranscriptTurn]):
+        call = Call.get(Call.call_sid == "CA" + "8" * 32)
+        closing = CallEvent.get((CallEvent.call == call) & (CallEvent.kind == "closing"))
+        turns = list(TranscriptTurn.select().where(TranscriptTurn.call == call).order_by(TranscriptTurn.id))
+    database.close()
+    assert call.end_reason == "max_duration" and closing.detail == {"reason": "max_duration"}
+    # Greeting, then the closing line (the local model's answer clip, 14.3 s), heard whole before the hang-up.
+    assert [turn.truncated for turn in turns] == [False, False]
+    assert 12.0 + 14.2 < hung_up_at < 12.0 + 20.0
+    assert (turns[1].started_at - call.started_at).total_seconds() == pytest.approx(12.0, abs=0.5)

@@ -13,7 +13,9 @@ import pytest
 import trio
 from trio_websocket import CloseReason, ConnectionClosed, connect_websocket_url, open_websocket_url, serve_websocket
 
-from app.call import INBOUND_QUEUE_FRAMES, MODEL_OUTBOX_EVENTS, CallSession, ModelLinkLost
+from app.call import (
+    CARRIER_SILENCE_TIMEOUT_S, CLOSING_LINE_TIMEOUT_S, INBOUND_QUEUE_FRAMES, MODEL_OUTBOX_EVENTS, CallSession, ModelLinkLost,
+)
 from app.carriers import twilio
 from app.carriers.simulated_twilio import SimulatedPhone, run_phone_call
 from app.server import serve
@@ -351,3 +353,37 @@ class Records(list):
 
     def submit(self, record) -> None:
         self.append(record)
+
+
+async def test_a_carrier_that_goes_silent_without_closing_is_hung_up_after_five_seconds(
+        tmp_path, autojump_clock, caplog):
+    caplog.set_level(logging.INFO, logger="callgate")
+    model = ScriptedRealtimeServer()
+    async with open_websocket_url_later() as connect:
+        async with serving(model, tmp_path, stream_token_secret="shared") as port:
+            socket = await connect(f"ws://127.0.0.1:{port}/media/twilio")
+            await socket.send_message(start_frame("CA1", twilio.stream_token("shared", "CA1")))
+            started_at = trio.current_time()
+            with trio.fail_after(CARRIER_SILENCE_TIMEOUT_S + 1):
+                with pytest.raises(ConnectionClosed):
+                    await socket.get_message()  # nothing comes before the server's close: the model is silent
+            silent_for_s = trio.current_time() - started_at
+    assert CARRIER_SILENCE_TIMEOUT_S <= silent_for_s < CARRIER_SILENCE_TIMEOUT_S + 0.1
+    assert ("WARNING", "call=CA1 [CARRIER] no message from the carrier, hanging up silent_s=5") in call_log(caplog)
+    database = open_database(f"sqlite:///{tmp_path / 'calls.db'}")
+    with database.bind_ctx([Call]):
+        assert Call.get(Call.call_sid == "CA1").end_reason == "carrier_silent"
+    database.close()
+
+
+async def test_a_call_whose_model_never_says_its_closing_line_is_hung_up_after_the_line_s_longest(
+        tmp_path, autojump_clock, caplog):
+    caplog.set_level(logging.INFO, logger="callgate")
+    model = ScriptedRealtimeServer()  # answers nothing, the closing line included
+    phones = await call_with(model, tmp_path, talk_for(60.0), max_call_s=5.0)
+    hung_up_at = next(at for at, what in phones[0].timeline.events if what == "server hung up")
+    assert 5.0 + CLOSING_LINE_TIMEOUT_S <= hung_up_at < 5.0 + CLOSING_LINE_TIMEOUT_S + 0.1
+    requests = [event for event in model.received if event["type"] == "response.create"]
+    assert requests[-1]["event_id"] == "callgate_closing_line"
+    assert ("WARNING", f"call=CA{0:032d} [CALL] closing line not heard in time, hanging up reason=max_duration") in (
+        call_log(caplog))

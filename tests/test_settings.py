@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from app.call import ModelEndpoint
 from app.settings import Settings, SettingsError
 
 
@@ -39,3 +40,17 @@ def test_values_are_read_typed_from_their_variables():
 def test_a_bad_value_names_the_variable_and_what_it_must_be(environ, message):
     with pytest.raises(SettingsError, match=message):
         Settings.from_env(environ)
+
+
+def test_no_secret_shows_in_the_settings_or_the_model_endpoint_repr():
+    secrets = {"OPENAI_API_KEY": "sk-secret-1", "CALLGATE_TWILIO_AUTH_TOKEN": "twilio-secret-2",
+               "CALLGATE_STREAM_TOKEN_SECRET": "stream-secret-3", "WHATSAPP_ACCESS_TOKEN": "wa-secret-4",
+               "WHATSAPP_APP_SECRET": "wa-secret-5", "WHATSAPP_VERIFY_TOKEN": "wa-secret-6"}
+    shown = repr(Settings.from_env(secrets)) + repr(ModelEndpoint("wss://x/v1/realtime", "m", "sk-secret-1"))
+    assert [value for value in secrets.values() if value in shown] == []
+
+
+def test_the_maximum_call_duration_is_ten_minutes_and_must_be_positive():
+    assert Settings().max_call_s == 600.0
+    with pytest.raises(SettingsError, match="CALLGATE_MAX_CALL_S must be above 0, got 0.0"):
+        Settings.from_env({"CALLGATE_MAX_CALL_S": "0"})

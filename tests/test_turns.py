@@ -7,7 +7,7 @@ import pytest
 from app.settings import Settings
 from tests.realtime_schemas import SDK_CLIENT_EVENTS
 from app.turn_events import (
-    AudioDelta, AudioDone, CallEnding, CallStarted, ClearCarrier, DtmfPressed, Log, MarkPlayed, ModelError,
+    AudioDelta, AudioDone, CallEnding, CallStarted, ClearCarrier, CloseCall, DtmfPressed, Log, MarkPlayed, ModelError,
     OutputItemAdded, PlayAudio, RecordEvent, RecordTranscript, ResponseCreated, ResponseDone, SendToModel, StopPlayback, Tick,
     TranscriptDone, VoiceOnset,
 )
@@ -285,7 +285,9 @@ def test_every_event_sent_validates_against_the_openai_types():
     actions += turns.handle(VoiceOnset(120), 5.4)
     fresh = Turns(Settings())
     actions += fresh.handle(CallStarted(), 0.0)
+    actions += greeted_call().handle(CloseCall("max_duration"), 20.0)  # the closing line's own instructions
     sent = model_events(actions)
+    assert any("response" in event for event in sent)
     assert {event["type"] for event in sent} >= {
         "session.update", "response.create", "response.cancel", "conversation.item.truncate",
         "conversation.item.create"}

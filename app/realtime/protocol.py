@@ -124,8 +124,11 @@ def input_audio_append(payload: bytes) -> dict:
     return {"type": "input_audio_buffer.append", "audio": base64.b64encode(payload).decode("ascii")}
 
 
-def response_create() -> dict:
-    return {"type": "response.create"}
+def response_create(instructions: str | None = None) -> dict:
+    """A response; `instructions` replace the session's for this response only."""
+    if instructions is None:
+        return {"type": "response.create"}
+    return {"type": "response.create", "response": {"instructions": instructions}}
 
 
 def response_cancel(response_id: str) -> dict:
