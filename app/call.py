@@ -109,6 +109,7 @@ class CallSession:
             self.stream_sid, playback_receive, self._carrier_out_send, self._reference, settings.playback_lead_ms
         )
         self.end_reason = ""
+        self._nursery: trio.Nursery | None = None
         # Record times come from trio's monotonic clock, anchored once: a wall-clock step mid-call moves no record.
         self._clock_anchor = (trio.current_time(), datetime.now(timezone.utc))
 
@@ -150,7 +151,12 @@ class CallSession:
         self._nursery.cancel_scope.cancel()
 
     def close(self, reason: str) -> None:
-        """End the call after the bot's closing line, or CLOSING_LINE_TIMEOUT_S from now, whichever is first."""
+        """End the call after the bot's closing line, or CLOSING_LINE_TIMEOUT_S from now, whichever is first.
+
+        A call still connecting to the model has nothing to close yet: it hangs up with the server.
+        """
+        if self._nursery is None:
+            return
         self.feed(CloseCall(reason))
         self._nursery.start_soon(self._hang_up_after, CLOSING_LINE_TIMEOUT_S, reason)
 

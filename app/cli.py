@@ -11,6 +11,7 @@ import pathlib
 import sys
 import tempfile
 import uuid
+from functools import partial
 
 import trio
 
@@ -71,7 +72,7 @@ def _serve(settings: Settings) -> int:
     _freeze_what_lives_forever()  # again, now that the call path's modules are loaded
 
     try:
-        trio.run(serve, settings)
+        trio.run(partial(serve, settings, drain_on_sigterm=True))
     except KeyboardInterrupt:
         logging.getLogger("callgate").info("call=- [SERVER] stopped")
     except MigrationError as error:

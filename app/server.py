@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import signal
 from functools import partial
 
 import peewee
 import trio
 from trio_websocket import ConnectionClosed, DisconnectionTimeout, HandshakeError, WebSocketConnection, WebSocketRequest
 
-from app.call import CallSession, ModelEndpoint, Recorder, open_model_socket
+from app.call import CLOSING_LINE_TIMEOUT_S, CallSession, ModelEndpoint, Recorder, open_model_socket
 from app.carriers import twilio
 from app.http import CLOSE_TIMEOUT_S, HttpRequest, HttpResponse, Router
 from app.logs import log_event
@@ -44,6 +45,8 @@ class CallgateServer:
         self.writer = writer
         self.database = database
         self.active_calls: dict[str, CallSession] = {}
+        self.draining = False
+        self._calls_changed = trio.Event()
         self.stream_token_secret = settings.stream_token_secret or settings.twilio_auth_token
         if not self.stream_token_secret:
             # Several processes behind one number need a shared secret; one process can make its own.
@@ -64,7 +67,7 @@ class CallgateServer:
 
     async def readyz(self, request: HttpRequest) -> HttpResponse:
         """Ready for new calls: the database answers and the writer's backlog is under its bound."""
-        problems = []
+        problems = ["draining"] if self.draining else []
         if self.writer.queued_count >= self.writer.capacity:
             problems.append("storage writer backlog over its bound")
         with trio.move_on_after(READINESS_TIMEOUT_S) as waited:
@@ -91,6 +94,10 @@ class CallgateServer:
                 return HttpResponse(403, b"bad X-Twilio-Signature")
         if not call_sid:
             return HttpResponse(400, b"CallSid is required")
+        if self.draining or len(self.active_calls) >= self.settings.max_calls:
+            why = "draining" if self.draining else f"{len(self.active_calls)} calls, the most this process takes"
+            log_event(logger, call_sid, "TWILIO", "call turned away busy", level=logging.WARNING, why=why)
+            return HttpResponse(200, twilio.twiml_reject_busy().encode(), "application/xml")
         parameters = {
             "token": twilio.stream_token(self.stream_token_secret, call_sid),
             "from": form.get("From", ""),
@@ -180,6 +187,25 @@ class CallgateServer:
             logger.exception("call=%s [CALL] call failed", start.call_sid)
         finally:
             del self.active_calls[start.call_sid]
+            self._calls_changed.set()
+            self._calls_changed = trio.Event()
+
+    async def drain(self, drain_s: float) -> None:
+        """Refuse new calls, give those running `drain_s` to end, then have the rest say their closing line."""
+        self.draining = True
+        log_event(logger, "-", "SERVER", "draining: new calls turned away", calls=len(self.active_calls),
+                  drain_s=drain_s)
+        with trio.move_on_after(drain_s):
+            await self._until_no_calls()
+        for session in list(self.active_calls.values()):
+            session.close("shutdown")
+        with trio.move_on_after(CLOSING_LINE_TIMEOUT_S + 1):
+            await self._until_no_calls()
+        log_event(logger, "-", "SERVER", "drained", calls_left=len(self.active_calls))
+
+    async def _until_no_calls(self) -> None:
+        while self.active_calls:
+            await self._calls_changed.wait()
 
     async def _flush_records(self, call_sid: str) -> None:
         """After hang-up, wait a bounded time for the call's records; a slow database never holds a socket."""
@@ -220,12 +246,26 @@ async def start_model_endpoint(settings: Settings, nursery: trio.Nursery) -> Mod
     return ModelEndpoint(local_url, settings.realtime_model, "local")
 
 
-async def serve(settings: Settings, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Migrate, start the storage writer and the model endpoint, then serve until cancelled.
+async def _set_on_sigterm(terminated: trio.Event, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM) as signals:
+        task_status.started()
+        async for _ in signals:
+            logger.info("call=- [SERVER] SIGTERM: draining")
+            terminated.set()
+            return
+
+
+async def serve(settings: Settings, *, terminated: trio.Event | None = None, drain_on_sigterm: bool = False,
+                task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Migrate, start the storage writer and the model endpoint, then serve until cancelled, or until
+    `terminated` is set (by SIGTERM with `drain_on_sigterm`: systemd, Kubernetes, docker stop) and the
+    calls have drained.
 
     On cancellation the calls hang up first; the storage writer stops only after them, so every
     record a call submitted on its way out is written.
     """
+    if drain_on_sigterm and terminated is None:
+        terminated = trio.Event()
     database = open_database(settings.database_url)
     await trio.to_thread.run_sync(apply_migrations, database)
     writer = StorageWriter(database)
@@ -239,6 +279,8 @@ async def serve(settings: Settings, *, task_status=trio.TASK_STATUS_IGNORED) -> 
         await storage_nursery.start(run_writer)
         try:
             async with trio.open_nursery() as nursery:
+                if drain_on_sigterm:
+                    await nursery.start(_set_on_sigterm, terminated)
                 endpoint = await start_model_endpoint(settings, nursery)
                 server = CallgateServer(settings, endpoint, writer, database)
                 listeners = await nursery.start(
@@ -247,5 +289,9 @@ async def serve(settings: Settings, *, task_status=trio.TASK_STATUS_IGNORED) -> 
                 port = listeners[0].socket.getsockname()[1]
                 logger.info("call=- [SERVER] listening %s", json.dumps({"host": settings.host, "port": port}))
                 task_status.started(port)
+                if terminated is not None:
+                    await terminated.wait()
+                    await server.drain(settings.drain_s)
+                    nursery.cancel_scope.cancel()
         finally:
             writer_scope.cancel()

@@ -55,6 +55,8 @@ class Settings:
     playback_lead_ms: int = 200
     playback_chunk_ms: int = 100
     max_call_s: float = 600.0
+    max_calls: int = 40  # per process: measured at some 24 ms of CPU per call-second, 41 calls fill a core
+    drain_s: float = 300.0
 
     # Storage
     database_url: str = "sqlite:///callgate.db"
@@ -102,6 +104,10 @@ class Settings:
             raise SettingsError(f"BROADCAST_MAX_RETRIES must be 0 or more, got {self.broadcast_max_retries}")
         if self.broadcast_lease_s <= 0:
             raise SettingsError(f"BROADCAST_LEASE_S must be above 0, got {self.broadcast_lease_s}")
+        if self.max_calls < 1:
+            raise SettingsError(f"CALLGATE_MAX_CALLS must be at least 1, got {self.max_calls}")
+        if self.drain_s < 0:
+            raise SettingsError(f"CALLGATE_DRAIN_S must be 0 or more, got {self.drain_s}")
         if self.max_call_s <= 0:
             raise SettingsError(f"CALLGATE_MAX_CALL_S must be above 0, got {self.max_call_s}")
         if self.playback_chunk_ms < 20 or self.playback_chunk_ms % 20:
