@@ -98,3 +98,17 @@ async def lines_of(stream):
         *lines, pending = pending.split(b"\n")
         for line in lines:
             yield line.decode()
+
+
+async def test_past_its_maximum_of_calls_the_server_turns_new_ones_away_busy(tmp_path, autojump_clock):
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'calls.db'}", port=0, max_calls=1)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(serve, settings)
+        nursery.start_soon(run_phone_call, "127.0.0.1", port, "CA" + "5" * 32, talk_for(5.0), SimulatedPhone(seed=5))
+        await trio.sleep(1.0)
+        turned_away = await post_voice_webhook("127.0.0.1", port, {"CallSid": "CA" + "6" * 32}, {})
+        await trio.sleep(6.0)  # the first call is over: room again
+        connected = await post_voice_webhook("127.0.0.1", port, {"CallSid": "CA" + "7" * 32}, {})
+        nursery.cancel_scope.cancel()
+    assert turned_away == twilio.twiml_reject_busy()
+    assert "<Connect>" in connected
