@@ -24,7 +24,9 @@ from app.whatsapp import cli as whatsapp_cli
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="callgate", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("serve", help="run the server: Twilio webhook and media streams on one port")
+    serve = commands.add_parser("serve", help="run the server: Twilio webhook and media streams on one port")
+    serve.add_argument("--dev", action="store_true",
+                       help="run without Twilio's auth token, an OpenAI key or a public host (never on a real number)")
     simulate = commands.add_parser("simulate", help="play one full simulated call against the local model")
     simulate.add_argument("--fast", action="store_true", help="run in virtual time instead of real time")
     simulate.add_argument("--plot", metavar="PNG", help="draw the call's waveforms to this file (needs the plot extra)")
@@ -48,6 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging("WARNING" if quiet_simulation else settings.log_level)
     _freeze_what_lives_forever()
     if args.command == "serve":
+        missing = settings.missing_for_production()
+        if missing and not args.dev:
+            print("callgate: serve refuses to start without " + "; ".join(missing)
+                  + " (serve --dev runs without them, for trying it out)", file=sys.stderr)
+            return 2
+        for what in missing:
+            logging.getLogger("callgate").warning("call=- [SERVER] --dev: running without %s", what)
         return _serve(settings)
     if args.command == "simulate":
         lines = list(PHONE_LINES) if "all" in (args.line or []) else list(dict.fromkeys(args.line or ["echoing"]))

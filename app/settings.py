@@ -115,6 +115,17 @@ class Settings:
                 f"CALLGATE_PLAYBACK_CHUNK_MS must be a positive multiple of 20, got {self.playback_chunk_ms}"
             )
 
+    def missing_for_production(self) -> list[str]:
+        """What a server on a real number needs and these settings lack, each with its consequence."""
+        missing = []
+        if not self.twilio_auth_token:
+            missing.append("CALLGATE_TWILIO_AUTH_TOKEN (unsigned webhooks would be served: anyone could place calls)")
+        if not self.openai_api_key:
+            missing.append("OPENAI_API_KEY (callers would hear the built-in local model)")
+        if self.public_host == Settings.public_host:
+            missing.append("CALLGATE_PUBLIC_HOST (Twilio could reach neither the stream nor the signed URLs)")
+        return missing
+
     @property
     def uses_local_model(self) -> bool:
         """No key means the built-in local model stands in for OpenAI."""

@@ -50,8 +50,33 @@ def test_serve_refuses_to_start_on_an_edited_migration(tmp_path, monkeypatch, ca
     assert main(["migrate"]) == 0
     with sqlite3.connect(database_path) as connection:
         connection.execute("UPDATE schema_migrations SET checksum = 'edited' WHERE id = 1")
-    assert main(["serve"]) == 1
+    assert main(["serve", "--dev"]) == 1
     assert "start-up stopped" in capsys.readouterr().err
+
+
+PRODUCTION = {"CALLGATE_TWILIO_AUTH_TOKEN": "token", "OPENAI_API_KEY": "sk-test", "CALLGATE_PUBLIC_HOST": "calls.example.com"}
+
+
+@pytest.mark.parametrize("unset", [(), *PRODUCTION])
+def test_serve_refuses_to_start_without_what_a_real_number_needs_unless_dev(tmp_path, monkeypatch, capsys, caplog,
+                                                                          unset):
+    database_path = tmp_path / "edited.db"
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{database_path}")
+    assert main(["migrate"]) == 0
+    with sqlite3.connect(database_path) as connection:  # so that a serve that starts stops at once
+        connection.execute("UPDATE schema_migrations SET checksum = 'edited' WHERE id = 1")
+    for name, value in PRODUCTION.items():
+        if name not in unset:
+            monkeypatch.setenv(name, value)
+    capsys.readouterr()
+    if not unset:
+        assert main(["serve"]) == 1 and "start-up stopped" in capsys.readouterr().err
+        return
+    assert main(["serve"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"callgate: serve refuses to start without {unset}") and "serve --dev" in error
+    assert main(["serve", "--dev"]) == 1
+    assert f"call=- [SERVER] --dev: running without {unset}" in caplog.text
 
 
 def test_broadcast_commands_are_wired(tmp_path, monkeypatch, capsys):

@@ -66,7 +66,7 @@ async def test_sigterm_to_a_real_server_drains_its_call_writes_its_records_and_e
     environment = {**os.environ, "DATABASE_URL": database_url, "CALLGATE_PORT": "0", "CALLGATE_DRAIN_S": "30"}
     async with trio.open_nursery() as nursery:
         server = await nursery.start(partial(
-            trio.run_process, [sys.executable, "-m", "app.cli", "serve"], env=environment, stderr=subprocess.PIPE,
+            trio.run_process, [sys.executable, "-m", "app.cli", "serve", "--dev"], env=environment, stderr=subprocess.PIPE,
             check=False))
         listening = trio.Event()
         ports = []
