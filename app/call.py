@@ -80,6 +80,11 @@ async def open_model_socket(endpoint: ModelEndpoint) -> AsyncIterator[WebSocketC
 class ModelLinkLost(Exception):
     """The model socket closed or stalled mid-call."""
 
+    @classmethod
+    def closed(cls, closed: ConnectionClosed) -> ModelLinkLost:
+        """The same words whichever direction of the socket saw the close first."""
+        return cls(f"model socket closed code={int(closed.reason.code)} {closed.reason.reason}")
+
 
 class CallSession:
     """Runs one call between a started carrier stream and a model socket, until either side ends it."""
@@ -286,7 +291,7 @@ class CallSession:
             while True:
                 self._on_model_message(await model.get_message())
         except ConnectionClosed as closed:
-            raise ModelLinkLost(f"model socket closed code={int(closed.reason.code)} {closed.reason.reason}") from None
+            raise ModelLinkLost.closed(closed) from None
 
     def _on_model_message(self, text: str | bytes) -> None:
         try:
@@ -315,7 +320,7 @@ class CallSession:
             async for event in self._model_out:
                 await model.send_message(protocol.encode(event))
         except ConnectionClosed as closed:
-            raise ModelLinkLost(f"model socket closed code={int(closed.reason.code)}") from None
+            raise ModelLinkLost.closed(closed) from None
 
 
 def _optional_int(text: str | None) -> int | None:

@@ -6,6 +6,7 @@ import json
 import logging
 import secrets
 import signal
+import time
 from functools import partial
 
 import peewee
@@ -19,14 +20,17 @@ from app.logs import log_event
 from app.realtime.local import LocalRealtimeModel
 from app.settings import Settings
 from app.whatsapp import webhook
-from storage.db import database_answers, open_database
+from storage.db import database_answers, is_sqlite, open_database
 from storage.migrate import apply_migrations
+from storage.models import claim_media_stream
 from storage.records import WhatsappStatusRecord
 from storage.writer import StorageWriter
 
 logger = logging.getLogger("callgate.server")
 
 START_TIMEOUT_S = 10
+# Twilio opens the stream within moments of reading our TwiML; a token older than this is replayed.
+STREAM_TOKEN_TTL_S = 60
 READINESS_TIMEOUT_S = 2
 FLUSH_AT_HANG_UP_TIMEOUT_S = 5
 MEDIA_PATH = "/media/twilio"
@@ -46,6 +50,7 @@ class CallgateServer:
         self.database = database
         self.active_calls: dict[str, CallSession] = {}
         self.draining = False
+        self._spent_tokens: dict[str, float] = {}
         self._calls_changed = trio.Event()
         self.stream_token_secret = settings.stream_token_secret or settings.twilio_auth_token
         if not self.stream_token_secret:
@@ -99,14 +104,15 @@ class CallgateServer:
             log_event(logger, call_sid, "TWILIO", "call turned away busy", level=logging.WARNING, why=why)
             return HttpResponse(200, twilio.twiml_reject_busy().encode(), "application/xml")
         parameters = {
-            "token": twilio.stream_token(self.stream_token_secret, call_sid),
             "from": form.get("From", ""),
             "to": form.get("To", ""),
             # A number's webhook URL may carry ?business_id=...&barge_in=false; the stream URL may not.
             **{name: value for name, value in request.query.items() if name in CALL_OPTIONS},
         }
+        expires_at = int(time.time()) + STREAM_TOKEN_TTL_S
+        parameters["token"] = twilio.stream_token(self.stream_token_secret, call_sid, parameters, expires_at)
         twiml = twilio.twiml_connect_stream(f"wss://{self.settings.public_host}{MEDIA_PATH}", parameters)
-        log_event(logger, call_sid, "TWILIO", "call connected to media stream", **{"from": parameters["from"]})
+        log_event(logger, call_sid, "TWILIO", "call connected to media stream")
         return HttpResponse(200, twiml.encode(), "application/xml")
 
     async def whatsapp_verification(self, request: HttpRequest) -> HttpResponse:
@@ -141,7 +147,7 @@ class CallgateServer:
         start = None
         try:
             start = await _await_start(carrier)
-            if start is not None and self._stream_is_acceptable(start):
+            if start is not None and await self._admit_stream(start):
                 await self._run_call(start, carrier)
         finally:
             with trio.move_on_after(CLOSE_TIMEOUT_S):
@@ -154,19 +160,39 @@ class CallgateServer:
         url = f"wss://{self.settings.public_host}{MEDIA_PATH}"
         return twilio.signature_is_valid(self.settings.twilio_auth_token, url, {}, headers.get("x-twilio-signature", ""))
 
-    def _stream_is_acceptable(self, start: twilio.Start) -> bool:
-        """A valid token for this CallSid, no other stream for it, and the audio format we forward as-is."""
-        token = start.custom_parameters.get("token", "")
-        if not twilio.stream_token_is_valid(self.stream_token_secret, start.call_sid, token):
-            why = "bad or missing token"
-        elif start.call_sid in self.active_calls:
+    async def _admit_stream(self, start: twilio.Start) -> bool:
+        """A valid, unexpired token for this CallSid and its parameters, the audio format we forward as-is,
+        and the first stream for this call: in this process, and in any other sharing PostgreSQL."""
+        now = time.time()
+        why = twilio.stream_token_problem(self.stream_token_secret, start.call_sid, start.custom_parameters, now)
+        if why is None and start.call_sid in self.active_calls:
             why = "this call already has a media stream"
-        elif (start.encoding, start.sample_rate_hz) != ("audio/x-mulaw", 8000):
+        if why is None and (start.encoding, start.sample_rate_hz) != ("audio/x-mulaw", 8000):
             why = f"audio must be audio/x-mulaw at 8000 Hz, got {start.encoding} at {start.sample_rate_hz} Hz"
-        else:
+        if why is None and not await self._spend_token(start.call_sid, now):
+            why = "this call's stream token was already used"
+        if why is None:
             return True
         log_event(logger, start.call_sid, "TWILIO", "media stream refused", level=logging.WARNING, why=why)
         return False
+
+    async def _spend_token(self, call_sid: str, now: float) -> bool:
+        """False when this call's token opened a stream before. Tokens past their expiry fail on their own, so
+        only those younger are remembered. SQLite serves one process; PostgreSQL is shared, so it is asked too."""
+        self._spent_tokens = {sid: spent_at for sid, spent_at in self._spent_tokens.items()
+                              if spent_at > now - STREAM_TOKEN_TTL_S}
+        if call_sid in self._spent_tokens:
+            return False
+        self._spent_tokens[call_sid] = now
+        if is_sqlite(self.database):
+            return True
+        try:
+            return await trio.to_thread.run_sync(partial(claim_media_stream, self.database, call_sid))
+        except peewee.PeeweeException as error:
+            # The token still expires; a database outage must not cost every caller the call.
+            log_event(logger, call_sid, "TWILIO", "stream token not spent, the database failed; call admitted",
+                      level=logging.ERROR, why=type(error).__name__)
+            return True
 
     async def _run_call(self, start: twilio.Start, carrier: WebSocketConnection) -> None:
         """One call, start to hang-up; whatever goes wrong is logged here and never reaches another call."""

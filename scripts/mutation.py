@@ -23,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("app", "dsp", "storage", "scripts")
 MODULES = {
-    "app/turns.py": ["tests/test_turns.py", "tests/test_turns_actions.py"],
+    "app/turns.py": ["tests/test_turns.py", "tests/test_turns_actions.py", "tests/test_turns_closing.py"],
     "app/playback.py": ["tests/test_playback.py"],
     "app/call.py": ["tests/test_call_wire.py", "tests/test_call_end_to_end.py"],
     "dsp/echo.py": ["tests/test_dsp_echo.py", "tests/test_dsp_echo_rules.py", "tests/test_dsp_canceller.py"],

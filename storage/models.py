@@ -11,7 +11,9 @@ from datetime import datetime, timezone
 
 import peewee
 
-from storage.db import database_proxy
+from storage.db import database_proxy, dropping_the_connection_on_failure, is_sqlite
+
+CLAIM_STATEMENT_TIMEOUT_MS = 2_000
 
 
 def utc_now() -> datetime:
@@ -215,4 +217,25 @@ class TranscriptTurn(BaseModel):
         table_name = "transcript_turns"
 
 
-ALL_MODELS = (Business, WhatsappBroadcast, WhatsappBroadcastRecipient, Call, CallEvent, TranscriptTurn)
+class MediaStreamClaim(BaseModel):
+    """A stream token spent: the first stream for a CallSid claims it, in whichever process."""
+
+    call_sid = peewee.CharField(max_length=64, primary_key=True)
+    claimed_at = peewee.DateTimeField()
+
+    class Meta:
+        table_name = "media_stream_claims"
+
+
+def claim_media_stream(database: peewee.Database, call_sid: str) -> bool:
+    """True for the first stream of this call across every process sharing the database, False after."""
+    with dropping_the_connection_on_failure(database), database.atomic():
+        if not is_sqlite(database):
+            # A stream waits for this answer before its greeting: never for long.
+            database.execute_sql(f"SET LOCAL statement_timeout = {CLAIM_STATEMENT_TIMEOUT_MS}")
+        query = MediaStreamClaim.insert(call_sid=call_sid, claimed_at=utc_now()).on_conflict_ignore()
+        return database.execute(query).rowcount == 1
+
+
+ALL_MODELS = (Business, WhatsappBroadcast, WhatsappBroadcastRecipient, Call, CallEvent, TranscriptTurn,
+              MediaStreamClaim)

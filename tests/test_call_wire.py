@@ -5,10 +5,12 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+import peewee
 import pytest
 import trio
 from trio_websocket import CloseReason, ConnectionClosed, connect_websocket_url, open_websocket_url, serve_websocket
@@ -18,12 +20,14 @@ from app.call import (
 )
 from app.carriers import twilio
 from app.carriers.simulated_twilio import SimulatedPhone, run_phone_call
+from app import server as server_module
 from app.server import serve
 from app.settings import Settings
 from dsp.g711 import ulaw_encode
 from storage.db import open_database
 from storage.models import Call
 from tests.realtime_schemas import SDK_CLIENT_EVENTS
+from tests.storage_fixtures import postgres_database_url  # noqa: F401 (fixture)
 from tests.test_turns import answering_call
 
 
@@ -62,9 +66,9 @@ async def serving(model: ScriptedRealtimeServer, tmp_path, **overrides):
     """callgate on a free port, with `model` as its OpenAI endpoint; yields the port."""
     async with trio.open_nursery() as nursery:
         model_server = await nursery.start(serve_websocket, model.handle, "127.0.0.1", 0, None)
-        settings = Settings(
-            database_url=f"sqlite:///{tmp_path / 'calls.db'}", port=0, openai_api_key="sk-test",
-            realtime_url=f"ws://127.0.0.1:{model_server.port}/v1/realtime", **overrides)
+        settings = Settings(**{
+            "database_url": f"sqlite:///{tmp_path / 'calls.db'}", "port": 0, "openai_api_key": "sk-test",
+            "realtime_url": f"ws://127.0.0.1:{model_server.port}/v1/realtime", **overrides})
         yield await nursery.start(serve, settings)
         await trio.sleep(1.5)  # the server's side of each call winds down after the phone's stop
         nursery.cancel_scope.cancel()
@@ -79,9 +83,15 @@ async def call_with(model: ScriptedRealtimeServer, tmp_path, script, *, calls: i
     return phones
 
 
-def start_frame(call_sid: str, token: str, encoding: str = "audio/x-mulaw") -> str:
+def signed_parameters(secret: str, call_sid: str, expires_in_s: int = 60, **parameters: str) -> dict[str, str]:
+    """Stream parameters as our webhook signs them, with their token."""
+    token = twilio.stream_token(secret, call_sid, parameters, int(time.time()) + expires_in_s)
+    return {**parameters, "token": token}
+
+
+def start_frame(call_sid: str, parameters: dict[str, str], encoding: str = "audio/x-mulaw") -> str:
     return json.dumps({"event": "start", "streamSid": "MZ1", "start": {
-        "streamSid": "MZ1", "callSid": call_sid, "customParameters": {"token": token},
+        "streamSid": "MZ1", "callSid": call_sid, "customParameters": parameters,
         "mediaFormat": {"encoding": encoding, "sampleRate": 8000, "channels": 1}}})
 
 
@@ -174,9 +184,9 @@ async def test_bad_carrier_frames_are_logged_and_the_call_goes_on(tmp_path, auto
     model = ScriptedRealtimeServer()
     async with serving(model, tmp_path, stream_token_secret="shared-secret") as port:
         call_sid = "CA" + "9" * 32
-        token = twilio.stream_token("shared-secret", call_sid)
+        parameters = signed_parameters("shared-secret", call_sid)
         async with open_websocket_url(f"ws://127.0.0.1:{port}/media/twilio") as socket:
-            await socket.send_message(start_frame(call_sid, token))
+            await socket.send_message(start_frame(call_sid, parameters))
             await socket.send_message("{not json")
             await socket.send_message(b"\x00\x01")
             await socket.send_message(json.dumps({"event": "media", "streamSid": "MZ1",
@@ -204,31 +214,98 @@ async def test_bad_carrier_frames_are_logged_and_the_call_goes_on(tmp_path, auto
     assert any(event["type"] == "conversation.item.create" for event in model.received)
 
 
-@pytest.mark.parametrize("token_for, encoding, why", [
-    ("CA2", "audio/x-mulaw", "bad or missing token"),
-    ("CA1", "audio/x-alaw", "audio must be audio/x-mulaw at 8000 Hz, got audio/x-alaw at 8000 Hz"),
+@pytest.mark.parametrize("parameters, encoding, why", [
+    (signed_parameters("shared", "CA2"), "audio/x-mulaw", "bad or missing token"),
+    (signed_parameters("other secret", "CA1"), "audio/x-mulaw", "bad or missing token"),
+    ({"from": "+1555"}, "audio/x-mulaw", "bad or missing token"),
+    ({**signed_parameters("shared", "CA1", business_id="3"), "business_id": "4"}, "audio/x-mulaw",
+     "bad or missing token"),
+    ({**signed_parameters("shared", "CA1"), "barge_in": "false"}, "audio/x-mulaw", "bad or missing token"),
+    ({"token": "1.0", "from": ""}, "audio/x-mulaw", "bad or missing token"),
+    (signed_parameters("shared", "CA1", expires_in_s=-2), "audio/x-mulaw", "token expired"),
+    (signed_parameters("shared", "CA1", expires_in_s=3600), "audio/x-alaw",
+     "audio must be audio/x-mulaw at 8000 Hz, got audio/x-alaw at 8000 Hz"),
 ])
-async def test_a_stream_that_cannot_be_bridged_is_refused(tmp_path, autojump_clock, caplog, token_for, encoding, why):
+async def test_a_stream_that_cannot_be_bridged_is_refused(tmp_path, autojump_clock, caplog, parameters, encoding, why):
     model = ScriptedRealtimeServer()
     async with serving(model, tmp_path, stream_token_secret="shared") as port:
         async with open_websocket_url(f"ws://127.0.0.1:{port}/media/twilio") as socket:
-            await socket.send_message(start_frame("CA1", twilio.stream_token("shared", token_for), encoding))
+            await socket.send_message(start_frame("CA1", parameters, encoding))
             with pytest.raises(ConnectionClosed):
                 await socket.get_message()
     assert model.requests == []
     assert f"call=CA1 [TWILIO] media stream refused why={why!r}" in caplog.text
 
 
+async def until_logged(caplog, line: str) -> None:
+    while line not in caplog.text:
+        await trio.sleep(0.02)
+
+
+async def refused(port: int, parameters: dict[str, str]) -> None:
+    async with open_websocket_url(f"ws://127.0.0.1:{port}/media/twilio") as replay:
+        await replay.send_message(start_frame("CA1", parameters))
+        with pytest.raises(ConnectionClosed):
+            await replay.get_message()
+
+
+REUSED = "call=CA1 [TWILIO] media stream refused why=\"this call's stream token was already used\""
+
+
+async def test_a_stream_token_opens_one_stream_even_once_its_call_has_ended(tmp_path, autojump_clock, caplog):
+    caplog.set_level(logging.INFO, logger="callgate")
+    model = ScriptedRealtimeServer()
+    parameters = signed_parameters("shared", "CA1")
+    async with serving(model, tmp_path, stream_token_secret="shared") as port:
+        async with open_websocket_url(f"ws://127.0.0.1:{port}/media/twilio") as first:
+            await first.send_message(start_frame("CA1", parameters))
+            await until_logged(caplog, "call=CA1 [CALL] media stream started")
+        await until_logged(caplog, "call=CA1 [CALL] call ended")
+        await refused(port, parameters)
+    assert caplog.text.count(REUSED) == 1 and len(model.requests) == 1
+
+
+async def test_a_stream_token_opens_one_stream_in_all_the_processes_sharing_postgresql(
+        postgres_database_url, tmp_path, autojump_clock, caplog):
+    caplog.set_level(logging.INFO, logger="callgate")
+    model = ScriptedRealtimeServer()
+    parameters = signed_parameters("shared", "CA1", **{"from": "+15550001111"})
+    shared = {"stream_token_secret": "shared", "database_url": postgres_database_url}
+    async with serving(model, tmp_path, **shared) as first_port, serving(model, tmp_path, **shared) as second_port:
+        async with open_websocket_url(f"ws://127.0.0.1:{first_port}/media/twilio") as first:
+            await first.send_message(start_frame("CA1", parameters))
+            await until_logged(caplog, "call=CA1 [CALL] media stream started")
+            await refused(second_port, parameters)
+    assert caplog.text.count(REUSED) == 1
+    assert caplog.text.count("call=CA1 [CALL] media stream started") == 1 and len(model.requests) == 1
+
+
+async def test_a_database_that_cannot_spend_the_token_never_costs_the_caller_the_call(
+        postgres_database_url, tmp_path, autojump_clock, caplog, monkeypatch):
+    caplog.set_level(logging.INFO, logger="callgate")
+
+    def failing_claim(database, call_sid):
+        raise peewee.OperationalError("server closed the connection unexpectedly")
+    monkeypatch.setattr(server_module, "claim_media_stream", failing_claim)
+    model = ScriptedRealtimeServer()
+    async with serving(model, tmp_path, stream_token_secret="shared", database_url=postgres_database_url) as port:
+        async with open_websocket_url(f"ws://127.0.0.1:{port}/media/twilio") as socket:
+            await socket.send_message(start_frame("CA1", signed_parameters("shared", "CA1")))
+            await until_logged(caplog, "call=CA1 [CALL] media stream started")
+    assert ("call=CA1 [TWILIO] stream token not spent, the database failed; call admitted "
+            "why=OperationalError") in caplog.text
+
+
 async def test_a_second_stream_for_a_live_call_is_refused_and_the_first_goes_on(tmp_path, autojump_clock, caplog):
     caplog.set_level(logging.INFO, logger="callgate")
     model = ScriptedRealtimeServer()
     async with serving(model, tmp_path, stream_token_secret="shared") as port:
-        token = twilio.stream_token("shared", "CA1")
+        parameters = signed_parameters("shared", "CA1")
         async with open_websocket_url(f"ws://127.0.0.1:{port}/media/twilio") as first:
-            await first.send_message(start_frame("CA1", token))
+            await first.send_message(start_frame("CA1", parameters))
             await trio.sleep(0.5)
             async with open_websocket_url(f"ws://127.0.0.1:{port}/media/twilio") as second:
-                await second.send_message(start_frame("CA1", token))
+                await second.send_message(start_frame("CA1", parameters))
                 with pytest.raises(ConnectionClosed):
                     await second.get_message()
             await first.send_message(json.dumps({"event": "dtmf", "streamSid": "MZ1", "dtmf": {"digit": "4"}}))
@@ -245,7 +322,7 @@ async def test_a_call_live_when_the_server_stops_is_recorded_as_cancelled(tmp_pa
     async with open_websocket_url_later() as connect:
         async with serving(model, tmp_path, stream_token_secret="shared") as port:
             socket = await connect(f"ws://127.0.0.1:{port}/media/twilio")
-            await socket.send_message(start_frame("CA1", twilio.stream_token("shared", "CA1")))
+            await socket.send_message(start_frame("CA1", signed_parameters("shared", "CA1")))
             await trio.sleep(0.5)
     assert ("INFO", "call=CA1 [CALL] call ending reason=cancelled") in call_log(caplog)
     database = open_database(f"sqlite:///{tmp_path / 'calls.db'}")
@@ -319,12 +396,12 @@ class ClosedModel:
         raise ConnectionClosed(CloseReason(1011, "server error"))
 
 
-async def test_a_model_socket_closed_on_write_is_a_lost_link_naming_its_close_code():
+async def test_a_model_socket_closed_on_write_is_a_lost_link_naming_its_close_code_and_reason():
     session = CallSession(Settings(), twilio.Start("MZ1", "CA1"), recorder=None)
     session._send_to_model({"type": "response.create"})
     with pytest.raises(ModelLinkLost) as lost:
         await session._model_writer(ClosedModel())
-    assert str(lost.value) == "model socket closed code=1011"
+    assert str(lost.value) == "model socket closed code=1011 server error"
 
 
 async def test_while_the_bot_talks_the_model_hears_the_callers_own_frames(speech_clip):
@@ -362,7 +439,7 @@ async def test_a_carrier_that_goes_silent_without_closing_is_hung_up_after_five_
     async with open_websocket_url_later() as connect:
         async with serving(model, tmp_path, stream_token_secret="shared") as port:
             socket = await connect(f"ws://127.0.0.1:{port}/media/twilio")
-            await socket.send_message(start_frame("CA1", twilio.stream_token("shared", "CA1")))
+            await socket.send_message(start_frame("CA1", signed_parameters("shared", "CA1")))
             started_at = trio.current_time()
             with trio.fail_after(CARRIER_SILENCE_TIMEOUT_S + 1):
                 with pytest.raises(ConnectionClosed):

@@ -68,8 +68,17 @@ def test_twiml_connects_a_wss_stream_without_a_query_string_and_passes_parameter
     assert parameters == {"token": 'a"<b', "from": "+1555"}
 
 
-def test_stream_tokens_are_bound_to_their_call():
-    token = twilio.stream_token("secret", "CA1")
-    assert twilio.stream_token_is_valid("secret", "CA1", token)
-    assert not twilio.stream_token_is_valid("secret", "CA2", token)
-    assert not twilio.stream_token_is_valid("other", "CA1", token)
+def test_stream_tokens_are_bound_to_their_call_its_parameters_and_their_expiry():
+    parameters = {"from": "+15550001111", "to": "+15550002222", "business_id": "3"}
+    token = twilio.stream_token("secret", "CA1", parameters, expires_at=1_000)
+    signed = {**parameters, "token": token}
+    assert twilio.stream_token_problem("secret", "CA1", signed, now=1_000) is None
+    assert twilio.stream_token_problem("secret", "CA1", signed, now=1_000.5) == "token expired"
+    assert twilio.stream_token_problem("secret", "CA2", signed, now=0) == "bad or missing token"
+    assert twilio.stream_token_problem("other", "CA1", signed, now=0) == "bad or missing token"
+    for tampered in ({**signed, "business_id": "4"}, {**signed, "barge_in": "false"},
+                     {name: value for name, value in signed.items() if name != "to"},
+                     {**signed, "token": token.replace("1000.", "9999.", 1)},
+                     {**signed, "token": token[:-1]}, {**signed, "token": "١٠٠٠." + token.split(".")[1]},
+                     {**signed, "token": "é" + token}, parameters):
+        assert twilio.stream_token_problem("secret", "CA1", tampered, now=0) == "bad or missing token"

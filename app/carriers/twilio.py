@@ -151,10 +151,26 @@ def signature_is_valid(auth_token: str, url: str, params: Mapping[str, str], sig
     return hmac.compare_digest(request_signature(auth_token, url, params), signature)
 
 
-def stream_token(secret: str, call_sid: str) -> str:
-    """A per-call token bound to the CallSid, checkable by any process that shares the secret."""
-    return hmac.new(secret.encode(), call_sid.encode(), hashlib.sha256).hexdigest()
+def stream_token(secret: str, call_sid: str, parameters: Mapping[str, str], expires_at: int) -> str:
+    """`<expiry>.<HMAC>` over the CallSid, the expiry (Unix seconds) and every other stream parameter:
+    checkable by any process that shares the secret, and no parameter can be changed without failing it."""
+    return f"{expires_at}.{_stream_token_digest(secret, call_sid, parameters, expires_at)}"
 
 
-def stream_token_is_valid(secret: str, call_sid: str, token: str) -> bool:
-    return hmac.compare_digest(stream_token(secret, call_sid), token)
+def _stream_token_digest(secret: str, call_sid: str, parameters: Mapping[str, str], expires_at: int) -> str:
+    signed = json.dumps([call_sid, expires_at, sorted(parameters.items())])
+    return hmac.new(secret.encode(), signed.encode(), hashlib.sha256).hexdigest()
+
+
+def stream_token_problem(secret: str, call_sid: str, custom_parameters: Mapping[str, str], now: float) -> str | None:
+    """Why a stream's `token` parameter does not admit it (None when it does); the token covers the others."""
+    parameters = {name: value for name, value in custom_parameters.items() if name != "token"}
+    expiry, _, digest = custom_parameters.get("token", "").partition(".")
+    if not (expiry.isascii() and expiry.isdigit()):
+        return "bad or missing token"
+    expected = _stream_token_digest(secret, call_sid, parameters, int(expiry))
+    if not hmac.compare_digest(expected.encode(), digest.encode()):
+        return "bad or missing token"
+    if int(expiry) < now:
+        return "token expired"
+    return None
