@@ -20,7 +20,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket
 from app.carriers import twilio
 from app.logs import log_event
 from app.model_events import to_turn_event
-from app.playback import Playback, PlayoutReference
+from app.playback import CarrierNotReading, CarrierOutbox, Playback, PlayoutReference
 from app.realtime import protocol
 from app.settings import Settings
 from app.turn_events import (
@@ -105,14 +105,12 @@ class CallSession:
             debounce_ms=settings.barge_in_debounce_ms,
         )
         self._reference = PlayoutReference()
-        self._carrier_out_send, self._carrier_out = trio.open_memory_channel[str](math.inf)
+        self._outbox = CarrierOutbox(self.stream_sid, self._reference)
         self._model_out_send, self._model_out = trio.open_memory_channel[dict](MODEL_OUTBOX_EVENTS)
         self._inbound_send, self._inbound = trio.open_memory_channel[twilio.Media](INBOUND_QUEUE_FRAMES)
         playback_send, playback_receive = trio.open_memory_channel[PlayAudio](math.inf)
         self._playback_send = playback_send
-        self._playback = Playback(
-            self.stream_sid, playback_receive, self._carrier_out_send, self._reference, settings.playback_lead_ms
-        )
+        self._playback = Playback(playback_receive, self._outbox, settings.playback_lead_ms)
         self.end_reason = ""
         self._nursery: trio.Nursery | None = None
         # Record times come from trio's monotonic clock, anchored once: a wall-clock step mid-call moves no record.
@@ -144,6 +142,9 @@ class CallSession:
         except* ModelLinkLost as lost:
             self.end_reason = "model_link_lost"
             self.log("CALL", "model link lost, ending call", level=logging.ERROR, why=str(lost.exceptions[0]))
+        except* CarrierNotReading as stuck:
+            self.end_reason = "carrier_not_reading"
+            self.log("CALL", "carrier stopped reading, ending call", level=logging.ERROR, why=str(stuck.exceptions[0]))
         finally:
             self.end_reason = self.end_reason or "cancelled"
             self.feed(CallEnding(self.end_reason))
@@ -189,7 +190,6 @@ class CallSession:
             case StopPlayback(response_id):
                 self._playback.stop(response_id)
             case ClearCarrier():
-                self._carrier_out_send.send_nowait(twilio.clear(self.stream_sid))
                 self._playback.carrier_cleared()
             case Log(tag, message, fields, level):
                 self.log(tag, message, level=logging.getLevelName(level.upper()), **fields)
@@ -259,8 +259,8 @@ class CallSession:
 
     async def _carrier_writer(self, carrier: WebSocketConnection) -> None:
         try:
-            async for text in self._carrier_out:
-                await carrier.send_message(text)
+            while True:
+                await carrier.send_message(await self._outbox.next_message())
         except ConnectionClosed:
             self.hang_up("carrier_closed")
 

@@ -19,6 +19,8 @@ from app.call import (
     CARRIER_SILENCE_TIMEOUT_S, CLOSING_LINE_TIMEOUT_S, INBOUND_QUEUE_FRAMES, MODEL_OUTBOX_EVENTS, CallSession, ModelLinkLost,
 )
 from app.carriers import twilio
+from app.playback import CARRIER_OUTBOX_LIMIT_MS
+from app.turn_events import PlayAudio
 from app.carriers.simulated_twilio import SimulatedPhone, run_phone_call
 from app import server as server_module
 from app.server import serve
@@ -383,7 +385,7 @@ async def test_a_carrier_gone_when_the_call_writes_hangs_up_as_carrier_closed():
     session = CallSession(Settings(), twilio.Start("MZ1", "CA1"), recorder=None)
     async with trio.open_nursery() as nursery:
         session._nursery = nursery
-        session._carrier_out_send.send_nowait(twilio.clear("MZ1"))
+        session._outbox.clear()
         nursery.start_soon(session._carrier_writer, ClosedCarrier())
         await trio.sleep_forever()
     assert session.end_reason == "carrier_closed"
@@ -464,3 +466,48 @@ async def test_a_call_whose_model_never_says_its_closing_line_is_hung_up_after_t
     assert requests[-1]["event_id"] == "callgate_closing_line"
     assert ("WARNING", f"call=CA{0:032d} [CALL] closing line not heard in time, hanging up reason=max_duration") in (
         call_log(caplog))
+
+
+class CarrierThatStopsReading:
+    """Sends a silent frame every 20 ms, as a live carrier does, but takes only the first message it is sent."""
+
+    def __init__(self) -> None:
+        self.taken: list[str] = []
+
+    async def get_message(self) -> str:
+        await trio.sleep(0.02)
+        return json.dumps({"event": "media", "streamSid": "MZ1",
+                           "media": {"payload": base64.b64encode(b"\xff" * 160).decode(), "chunk": "1"}})
+
+    async def send_message(self, text: str) -> None:
+        if self.taken:
+            await trio.sleep_forever()
+        self.taken.append(text)
+
+
+class ModelThatListens:
+    async def get_message(self) -> str:
+        await trio.sleep_forever()
+
+    async def send_message(self, text: str) -> None:
+        pass
+
+
+async def test_a_carrier_that_stops_reading_ends_the_call_instead_of_queueing_its_audio_forever(
+        autojump_clock, caplog):
+    caplog.set_level(logging.INFO, logger="callgate")
+    records = Records()
+    session = CallSession(Settings(), twilio.Start("MZ1", "CA1"), records)
+    carrier = CarrierThatStopsReading()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run, carrier, ModelThatListens())
+        await trio.sleep(0.1)
+        for number in range(2 * CARRIER_OUTBOX_LIMIT_MS // 100):
+            session._carry_out(PlayAudio("resp_1", b"\xff" * 800, f"resp_1:{number}"))
+    assert session.end_reason == "carrier_not_reading" and records[-1].end_reason == "carrier_not_reading"
+    lead_s = Settings().playback_lead_ms / 1000
+    assert trio.current_time() == pytest.approx(0.1 + CARRIER_OUTBOX_LIMIT_MS / 1000 - lead_s + 0.1, abs=0.05)
+    assert ("ERROR", f"call=CA1 [CALL] carrier stopped reading, ending call "
+                     f"why='{CARRIER_OUTBOX_LIMIT_MS} ms of audio unsent: the carrier stopped reading'") in (
+        call_log(caplog))
+    assert len(carrier.taken) == 1

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import trio
 
-from app.playback import Playback, PlayoutReference
+from app.playback import CARRIER_OUTBOX_LIMIT_MS, CarrierNotReading, CarrierOutbox, Playback, PlayoutReference
 from app.turn_events import PlayAudio
 from dsp.g711 import ulaw_decode
 
@@ -18,14 +18,16 @@ CHUNK = b"\x00" * 800  # 100 ms of loud mu-law
 
 def playback_under_test(lead_ms: int = 200):
     chunks_send, chunks = trio.open_memory_channel(math.inf)
-    carrier_send, carrier = trio.open_memory_channel(math.inf)
     reference = PlayoutReference()
-    return Playback("MZ1", chunks, carrier_send, reference, lead_ms), chunks_send, carrier, reference
+    outbox = CarrierOutbox("MZ1", reference)
+    return Playback(chunks, outbox, lead_ms), chunks_send, outbox, reference
 
 
-async def collect(carrier, into):
-    async for text in carrier:
-        into.append((trio.current_time(), json.loads(text)))
+async def collect(outbox, into):
+    """A carrier that reads everything at once."""
+    while True:
+        message = json.loads(await outbox.next_message())
+        into.append((trio.current_time(), message))
 
 
 async def test_audio_goes_out_in_order_each_chunk_followed_by_its_mark_at_a_bounded_lead(autojump_clock):
@@ -63,6 +65,7 @@ async def test_stop_cancels_the_response_and_drops_its_queued_chunks_but_not_the
         nursery.cancel_scope.cancel()
     marks = [message["mark"]["name"] for _, message in sent if message["event"] == "mark"]
     assert marks == ["resp_1:0", "resp_1:1", "resp_2:0"]
+    assert [message["event"] for _, message in sent].count("clear") == 1
     assert reference.pop_frame().any()  # what now plays is resp_2's audio, resp_1's was cleared
 
 
@@ -143,3 +146,40 @@ def test_the_playout_reference_is_always_a_full_int16_frame():
     reference.extend(np.full(160, 3, dtype=np.int16))
     after_clear = reference.pop_frame()
     assert after_clear.dtype == np.int16 and after_clear.tolist() == [3] * 160
+
+
+def unsent_chunk(number: int) -> bytes:
+    return bytes([number]) * 160
+
+
+async def test_a_clear_overtakes_the_unsent_audio_which_never_reaches_the_carrier_or_the_reference():
+    reference = PlayoutReference()
+    outbox = CarrierOutbox("MZ1", reference)
+    for number in range(3):
+        outbox.put_audio(unsent_chunk(number), f"resp_1:{number}")
+    assert json.loads(await outbox.next_message())["event"] == "media"  # the first chunk is on its way
+    outbox.clear()
+    outbox.put_audio(unsent_chunk(9), "resp_2:0")
+    sent = [json.loads(await outbox.next_message()) for _ in range(3)]
+    assert [message["event"] for message in sent] == ["clear", "media", "mark"]
+    assert sent[2]["mark"]["name"] == "resp_2:0"
+    assert reference.pop_frame().tolist() == ulaw_decode(np.frombuffer(unsent_chunk(9), dtype=np.uint8)).tolist()
+    assert not reference.pop_frame().any()
+
+
+async def test_audio_enters_the_playout_reference_when_it_leaves_for_the_carrier_not_when_queued():
+    reference = PlayoutReference()
+    outbox = CarrierOutbox("MZ1", reference)
+    outbox.put_audio(unsent_chunk(5), "resp_1:0")
+    assert not reference.pop_frame().any()
+    await outbox.next_message()
+    assert reference.pop_frame().tolist() == ulaw_decode(np.frombuffer(unsent_chunk(5), dtype=np.uint8)).tolist()
+
+
+async def test_a_carrier_that_stops_reading_is_found_out_once_the_outbox_holds_its_bound(autojump_clock):
+    playback, chunks, outbox, _ = playback_under_test(lead_ms=0)
+    for number in range(CARRIER_OUTBOX_LIMIT_MS // 100 + 1):
+        chunks.send_nowait(PlayAudio("resp_1", CHUNK, f"resp_1:{number}"))
+    with pytest.raises(CarrierNotReading, match=f"{CARRIER_OUTBOX_LIMIT_MS} ms of audio unsent"):
+        await playback.run()
+    assert trio.current_time() == pytest.approx(CARRIER_OUTBOX_LIMIT_MS / 1000)

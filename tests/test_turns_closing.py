@@ -117,3 +117,21 @@ def test_the_closing_line_is_recorded_in_the_transcript():
     actions = play_all(turns, line_marks, 21.2)
     assert [action.text for action in actions if hasattr(action, "text")] == ["Goodbye!"]
     assert actions[-1] == HangUp("max_duration")
+
+
+def test_audio_of_a_response_the_model_starts_on_its_own_while_closing_is_never_played():
+    turns, _ = answering_call()
+    turns.handle(CloseCall("shutdown"), 6.0)
+    assert turns.handle(ResponseCreated("resp_3"), 6.1) == [SendToModel(protocol.response_cancel("resp_3"))]
+    assert marks(turns.handle(AudioDelta("resp_3", "item_3", ONE_SECOND_OF_AUDIO), 6.15)) == []
+    assert not turns.bot_audible
+
+
+def test_an_error_about_another_request_leaves_the_closing_line_to_end_the_call():
+    turns = greeted_call()
+    turns.handle(CloseCall("max_duration"), 20.0)
+    turns.handle(ResponseCreated("resp_9"), 20.1)
+    line_marks = marks(turns.handle(AudioDelta("resp_9", "item_9", ONE_SECOND_OF_AUDIO), 20.2))
+    turns.handle(ResponseDone("resp_9", "completed"), 20.3)
+    assert CLOSING_LINE_REQUEST not in turns.handle(ModelError("item_truncate_invalid", "no such item", "other"), 20.4)
+    assert play_all(turns, line_marks, 21.2) == hung_up("max_duration")
