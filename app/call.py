@@ -8,14 +8,16 @@ from __future__ import annotations
 import binascii
 import logging
 import math
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import AsyncIterator, Protocol
+from typing import AsyncIterator, Callable, Protocol
 from urllib.parse import quote, urlsplit
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
+from trio_websocket import (
+    ConnectionClosed, ConnectionRejected, ConnectionTimeout, HandshakeError, WebSocketConnection, open_websocket_url,
+)
 
 from app.carriers import twilio
 from app.logs import log_event
@@ -36,6 +38,8 @@ logger = logging.getLogger("callgate.call")
 
 MODEL_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 MODEL_CONNECT_TIMEOUT_S = 10
+MODEL_CONNECT_ATTEMPTS = 3
+MODEL_CONNECT_RETRY_S = 0.25  # then 0.5 s: the caller hears silence while we try again
 MODEL_DISCONNECT_TIMEOUT_S = 1  # the model socket must be closed within 1 s of hang-up
 MODEL_OUTBOX_EVENTS = 1000  # 20 s of inbound audio: beyond that the model link is dead, not slow
 INBOUND_QUEUE_FRAMES = 50
@@ -64,17 +68,38 @@ class ModelEndpoint:
         return f"{self.url}{separator}model={quote(self.model)}"
 
 
+def worth_retrying(error: Exception) -> bool:
+    """A busy or failing endpoint (429, 5xx) or a connection that did not open may answer the next try;
+    a refusal such as 401 or 404 will not, and a timeout has already cost the caller its wait."""
+    if isinstance(error, ConnectionRejected):
+        return error.status_code == 429 or error.status_code >= 500
+    return not isinstance(error, ConnectionTimeout)
+
+
 @asynccontextmanager
-async def open_model_socket(endpoint: ModelEndpoint) -> AsyncIterator[WebSocketConnection]:
+async def open_model_socket(
+    endpoint: ModelEndpoint, on_retry: Callable[[int, Exception], None]
+) -> AsyncIterator[WebSocketConnection]:
+    """The model socket, tried up to MODEL_CONNECT_ATTEMPTS times, with a doubling pause between tries."""
     headers = [(b"Authorization", f"Bearer {endpoint.api_key}".encode())]
-    async with open_websocket_url(
-        endpoint.connect_url,
-        extra_headers=headers,
-        max_message_size=MODEL_MAX_MESSAGE_BYTES,
-        connect_timeout=MODEL_CONNECT_TIMEOUT_S,
-        disconnect_timeout=MODEL_DISCONNECT_TIMEOUT_S,
-    ) as socket:
-        yield socket
+    for attempt in range(1, MODEL_CONNECT_ATTEMPTS + 1):
+        async with AsyncExitStack() as stack:
+            try:
+                socket = await stack.enter_async_context(open_websocket_url(
+                    endpoint.connect_url,
+                    extra_headers=headers,
+                    max_message_size=MODEL_MAX_MESSAGE_BYTES,
+                    connect_timeout=MODEL_CONNECT_TIMEOUT_S,
+                    disconnect_timeout=MODEL_DISCONNECT_TIMEOUT_S,
+                ))
+            except (HandshakeError, OSError) as error:
+                if attempt == MODEL_CONNECT_ATTEMPTS or not worth_retrying(error):
+                    raise
+                on_retry(attempt, error)
+                await trio.sleep(MODEL_CONNECT_RETRY_S * 2 ** (attempt - 1))
+                continue
+            yield socket
+            return
 
 
 class ModelLinkLost(Exception):
@@ -121,13 +146,7 @@ class CallSession:
 
     async def run(self, carrier: WebSocketConnection, model: WebSocketConnection) -> str:
         """Run the call's tasks in one nursery; returns why the call ended. Cancelling it hangs up cleanly."""
-        self._recorder.submit(CallStartedRecord(
-            call_sid=self.call_sid, stream_sid=self.stream_sid,
-            from_number=self._start.custom_parameters.get("from", ""),
-            to_number=self._start.custom_parameters.get("to", ""),
-            business_id=_optional_int(self._start.custom_parameters.get("business_id")),
-            started_at=self._wall_time(trio.current_time()),
-        ))
+        self._record_start()
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -151,6 +170,23 @@ class CallSession:
             self._recorder.submit(CallEnded(
                 call_sid=self.call_sid, ended_at=self._wall_time(trio.current_time()), end_reason=self.end_reason))
         return self.end_reason
+
+    def model_unreachable(self, why: str) -> None:
+        """The model could not be reached at all: the call is recorded, with its reason, and ends."""
+        self.end_reason = "model_unreachable"
+        self.log("CALL", "could not reach the model, call dropped", level=logging.ERROR, why=why)
+        self._record_start()
+        self._recorder.submit(CallEnded(
+            call_sid=self.call_sid, ended_at=self._wall_time(trio.current_time()), end_reason=self.end_reason))
+
+    def _record_start(self) -> None:
+        self._recorder.submit(CallStartedRecord(
+            call_sid=self.call_sid, stream_sid=self.stream_sid,
+            from_number=self._start.custom_parameters.get("from", ""),
+            to_number=self._start.custom_parameters.get("to", ""),
+            business_id=_optional_int(self._start.custom_parameters.get("business_id")),
+            started_at=self._clock_anchor[1],  # when the stream started, however long the model took
+        ))
 
     def hang_up(self, reason: str) -> None:
         self.end_reason = self.end_reason or reason

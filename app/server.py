@@ -22,7 +22,7 @@ from app.settings import Settings
 from app.whatsapp import webhook
 from storage.db import database_answers, is_sqlite, open_database
 from storage.migrate import apply_migrations
-from storage.models import claim_media_stream
+from storage.models import claim_media_stream, stored_end_reason
 from storage.records import WhatsappStatusRecord
 from storage.writer import StorageWriter
 
@@ -34,6 +34,10 @@ STREAM_TOKEN_TTL_S = 60
 READINESS_TIMEOUT_S = 2
 FLUSH_AT_HANG_UP_TIMEOUT_S = 5
 MEDIA_PATH = "/media/twilio"
+STREAM_ENDED_PATH = "/twilio/stream-ended"
+# The caller hears an apology from Twilio's voice when the bot could not be reached, or was lost mid-call.
+APOLOGISED_END_REASONS = ("model_unreachable", "model_link_lost", "failed")
+END_REASONS_REMEMBERED = 1024
 CALL_OPTIONS = ("business_id", "barge_in")
 WHATSAPP_WEBHOOK_PATH = "/whatsapp/webhook"
 
@@ -51,6 +55,8 @@ class CallgateServer:
         self.active_calls: dict[str, CallSession] = {}
         self.draining = False
         self._spent_tokens: dict[str, float] = {}
+        # Why this process's recent calls ended, for Twilio's question once each stream is over.
+        self._recent_end_reasons: dict[str, str] = {}
         self._calls_changed = trio.Event()
         self.stream_token_secret = settings.stream_token_secret or settings.twilio_auth_token
         if not self.stream_token_secret:
@@ -62,6 +68,7 @@ class CallgateServer:
         self.router.http("GET", "/healthz", self.livez)
         self.router.http("GET", "/readyz", self.readyz)
         self.router.http("POST", "/twilio/voice", self.twilio_voice)
+        self.router.http("POST", STREAM_ENDED_PATH, self.twilio_stream_ended)
         self.router.websocket(MEDIA_PATH, self.media_stream)
         self.router.http("GET", WHATSAPP_WEBHOOK_PATH, self.whatsapp_verification)
         self.router.http("POST", WHATSAPP_WEBHOOK_PATH, self.whatsapp_callback)
@@ -87,18 +94,26 @@ class CallgateServer:
             return HttpResponse.json(503, {"status": "not ready", "problems": problems})
         return HttpResponse.json(200, {"status": "ready"})
 
-    async def twilio_voice(self, request: HttpRequest) -> HttpResponse:
-        form = request.form()
+    def _unsigned_webhook(self, request: HttpRequest, form: dict[str, str], what: str) -> HttpResponse | None:
+        """The 403 or 400 a Twilio webhook gets without a valid signature or a CallSid; None when it is good."""
         call_sid = form.get("CallSid", "")
         if self.settings.twilio_auth_token:
             url = f"https://{self.settings.public_host}{request.target}"
             if not twilio.signature_is_valid(self.settings.twilio_auth_token, url, form,
                                              request.headers.get("x-twilio-signature", "")):
-                log_event(logger, call_sid or "-", "TWILIO", "voice webhook with a bad signature refused",
+                log_event(logger, call_sid or "-", "TWILIO", f"{what} with a bad signature refused",
                           level=logging.WARNING)
                 return HttpResponse(403, b"bad X-Twilio-Signature")
         if not call_sid:
             return HttpResponse(400, b"CallSid is required")
+        return None
+
+    async def twilio_voice(self, request: HttpRequest) -> HttpResponse:
+        form = request.form()
+        refusal = self._unsigned_webhook(request, form, "voice webhook")
+        if refusal is not None:
+            return refusal
+        call_sid = form["CallSid"]
         if self.draining or len(self.active_calls) >= self.settings.max_calls:
             why = "draining" if self.draining else f"{len(self.active_calls)} calls, the most this process takes"
             log_event(logger, call_sid, "TWILIO", "call turned away busy", level=logging.WARNING, why=why)
@@ -111,9 +126,31 @@ class CallgateServer:
         }
         expires_at = int(time.time()) + STREAM_TOKEN_TTL_S
         parameters["token"] = twilio.stream_token(self.stream_token_secret, call_sid, parameters, expires_at)
-        twiml = twilio.twiml_connect_stream(f"wss://{self.settings.public_host}{MEDIA_PATH}", parameters)
+        twiml = twilio.twiml_connect_stream(f"wss://{self.settings.public_host}{MEDIA_PATH}", parameters,
+                                            f"https://{self.settings.public_host}{STREAM_ENDED_PATH}")
         log_event(logger, call_sid, "TWILIO", "call connected to media stream")
         return HttpResponse(200, twiml.encode(), "application/xml")
+
+    async def twilio_stream_ended(self, request: HttpRequest) -> HttpResponse:
+        """What follows the stream: an apology when the bot could not be reached or was lost, else the hang-up.
+
+        The call's end reason is known here if this process ran it, else from its stored record."""
+        form = request.form()
+        refusal = self._unsigned_webhook(request, form, "stream-ended webhook")
+        if refusal is not None:
+            return refusal
+        call_sid = form["CallSid"]
+        reason = self._recent_end_reasons.get(call_sid)
+        if reason is None:
+            try:
+                reason = await trio.to_thread.run_sync(stored_end_reason, self.database, call_sid)
+            except peewee.PeeweeException as error:
+                log_event(logger, call_sid, "TWILIO", "end reason not readable", level=logging.ERROR,
+                          why=type(error).__name__)
+        apology = self.settings.apology_text if reason in APOLOGISED_END_REASONS else ""
+        log_event(logger, call_sid, "TWILIO", "stream ended, hanging up", reason=reason or "unknown",
+                  apology=bool(apology))
+        return HttpResponse(200, twilio.twiml_hang_up(apology).encode(), "application/xml")
 
     async def whatsapp_verification(self, request: HttpRequest) -> HttpResponse:
         status, body = webhook.verification_answer(request.query, self.settings.whatsapp_verify_token)
@@ -199,22 +236,30 @@ class CallgateServer:
         session = CallSession(self.settings, start, self.recorder)
         self.active_calls[start.call_sid] = session
         session.log("CALL", "media stream started", stream=start.stream_sid)
+        def retrying(attempt: int, error: Exception) -> None:
+            session.log("CALL", "model connection failed, trying again", level=logging.WARNING,
+                        attempt=attempt, why=repr(error))
         try:
-            async with open_model_socket(self.endpoint) as model:
+            async with open_model_socket(self.endpoint, retrying) as model:
                 reason = await session.run(carrier, model)
             session.log("CALL", "call ended", reason=reason)
         except* DisconnectionTimeout:
             session.log("CALL", "call ended; the model did not answer our close in time", level=logging.WARNING,
                         reason=session.end_reason)
         except* (OSError, HandshakeError, trio.TooSlowError) as failure:
-            session.log("CALL", "could not reach the model, call dropped", level=logging.ERROR,
-                        why=repr(failure.exceptions[0]))
+            session.model_unreachable(repr(failure.exceptions[0]))
         except* Exception:
             logger.exception("call=%s [CALL] call failed", start.call_sid)
         finally:
+            self._remember_end_reason(start.call_sid, session.end_reason or "failed")
             del self.active_calls[start.call_sid]
             self._calls_changed.set()
             self._calls_changed = trio.Event()
+
+    def _remember_end_reason(self, call_sid: str, reason: str) -> None:
+        self._recent_end_reasons[call_sid] = reason
+        if len(self._recent_end_reasons) > END_REASONS_REMEMBERED:
+            del self._recent_end_reasons[next(iter(self._recent_end_reasons))]
 
     async def drain(self, drain_s: float) -> None:
         """Refuse new calls, give those running `drain_s` to end, then have the rest say their closing line."""

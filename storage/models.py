@@ -237,5 +237,11 @@ def claim_media_stream(database: peewee.Database, call_sid: str) -> bool:
         return database.execute(query).rowcount == 1
 
 
+def stored_end_reason(database: peewee.Database, call_sid: str) -> str | None:
+    """Why the call ended, as its record says; None while no process has recorded its end."""
+    with dropping_the_connection_on_failure(database):
+        return Call.select(Call.end_reason).where(Call.call_sid == call_sid).scalar()
+
+
 ALL_MODELS = (Business, WhatsappBroadcast, WhatsappBroadcastRecipient, Call, CallEvent, TranscriptTurn,
               MediaStreamClaim)

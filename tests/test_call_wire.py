@@ -9,6 +9,7 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from xml.etree import ElementTree
 
 import peewee
 import pytest
@@ -27,9 +28,11 @@ from app.server import serve
 from app.settings import Settings
 from dsp.g711 import ulaw_encode
 from storage.db import open_database
+from storage.migrate import apply_migrations
 from storage.models import Call
 from tests.realtime_schemas import SDK_CLIENT_EVENTS
 from tests.storage_fixtures import postgres_database_url  # noqa: F401 (fixture)
+from tests.test_http_routes import http, post
 from tests.test_turns import answering_call
 
 
@@ -40,6 +43,8 @@ class ScriptedRealtimeServer:
 
     say_after_session_update: list[dict] = field(default_factory=list)
     fail_first_connections: int = 0
+    reject_first_connections: int = 0
+    reject_status: int = 503
     requests: list[tuple[str, dict[str, str]]] = field(default_factory=list)
     received: list[dict] = field(default_factory=list)
     closed_at: list[float] = field(default_factory=list)
@@ -48,6 +53,9 @@ class ScriptedRealtimeServer:
         headers = {name.decode().lower(): value.decode() for name, value in request.headers}
         self.requests.append((request.path, headers))
         fail_this_one = len(self.requests) <= self.fail_first_connections
+        if len(self.requests) <= self.reject_first_connections:
+            await request.reject(self.reject_status)
+            return
         socket = await request.accept()
         try:
             while True:
@@ -466,6 +474,14 @@ async def test_a_call_whose_model_never_says_its_closing_line_is_hung_up_after_t
     assert requests[-1]["event_id"] == "callgate_closing_line"
     assert ("WARNING", f"call=CA{0:032d} [CALL] closing line not heard in time, hanging up reason=max_duration") in (
         call_log(caplog))
+    assert ("INFO", f"call=CA{0:032d} [CALL] call reached its maximum duration max_call_s=5.0") in call_log(caplog)
+    assert ("INFO", f"call=CA{0:032d} [CALL] call ended reason=max_duration") in call_log(caplog)
+
+
+async def test_closing_a_call_still_connecting_to_the_model_leaves_it_to_hang_up_with_the_server():
+    session = CallSession(Settings(), twilio.Start("MZ1", "CA1"), recorder=None)
+    session.close("shutdown")
+    assert session.end_reason == ""
 
 
 class CarrierThatStopsReading:
@@ -511,3 +527,57 @@ async def test_a_carrier_that_stops_reading_ends_the_call_instead_of_queueing_it
                      f"why='{CARRIER_OUTBOX_LIMIT_MS} ms of audio unsent: the carrier stopped reading'") in (
         call_log(caplog))
     assert len(carrier.taken) == 1
+
+
+async def ask_what_follows_the_stream(port: int, call_sid: str) -> str:
+    status, body = await http(port, post("/twilio/stream-ended", f"CallSid={call_sid}&CallStatus=in-progress"))
+    assert status == 200
+    return body.decode()
+
+
+@pytest.mark.parametrize("rejections, status, attempts, outcome", [
+    (1, 503, 2, "carrier_closed"),
+    (2, 429, 3, "carrier_closed"),
+    (3, 500, 3, "model_unreachable"),
+    (1, 401, 1, "model_unreachable"),
+])
+async def test_a_model_that_refuses_the_socket_is_tried_again_then_the_caller_hears_an_apology(
+        tmp_path, autojump_clock, caplog, rejections, status, attempts, outcome):
+    caplog.set_level(logging.INFO, logger="callgate")
+    model = ScriptedRealtimeServer(reject_first_connections=rejections, reject_status=status)
+    async with serving(model, tmp_path, stream_token_secret="shared") as port:
+        async with open_websocket_url(f"ws://127.0.0.1:{port}/media/twilio") as socket:
+            await socket.send_message(start_frame("CA1", signed_parameters("shared", "CA1", **{"from": "+1555"})))
+            while not (model.received or "call=CA1 [CALL] could not reach the model" in caplog.text):
+                await trio.sleep(0.02)
+        await until_logged(caplog, "call=CA1 [CALL] call ended" if outcome == "carrier_closed" else "call dropped")
+        what_follows = await ask_what_follows_the_stream(port, "CA1")
+    assert len(model.requests) == attempts
+    retries = [line for line in call_log(caplog) if "trying again" in line[1]]
+    assert [(level, line.split(" why=")[0]) for level, line in retries] == [
+        ("WARNING", f"call=CA1 [CALL] model connection failed, trying again attempt={attempt}")
+        for attempt in range(1, attempts)]
+    said = ElementTree.fromstring(what_follows)
+    if outcome == "model_unreachable":
+        assert ("ERROR", f"call=CA1 [CALL] could not reach the model, call dropped "
+                         f"why=ConnectionRejected<status_code={status}>") in call_log(caplog)
+        assert [(element.tag, element.text) for element in said] == [("Say", Settings().apology_text), ("Hangup", None)]
+    else:
+        assert [element.tag for element in said] == ["Hangup"]
+    database = open_database(f"sqlite:///{tmp_path / 'calls.db'}")
+    with database.bind_ctx([Call]):
+        call = Call.get(Call.call_sid == "CA1")
+    database.close()
+    assert (call.end_reason, call.from_number) == (outcome, "+1555")
+
+
+async def test_what_follows_a_stream_run_by_another_process_comes_from_its_record(tmp_path, autojump_clock):
+    database = open_database(f"sqlite:///{tmp_path / 'calls.db'}")
+    apply_migrations(database)
+    with database.bind_ctx([Call]):
+        Call.create(call_sid="CA7", stream_sid="MZ7", from_number="", to_number="",
+                    started_at=datetime(2026, 1, 1), end_reason="model_link_lost")
+    database.close()
+    async with serving(ScriptedRealtimeServer(), tmp_path) as port:
+        assert "<Say>" in await ask_what_follows_the_stream(port, "CA7")
+        assert "<Say>" not in await ask_what_follows_the_stream(port, "CA8")  # a stream never started: hang up

@@ -162,6 +162,7 @@ async def test_a_clear_overtakes_the_unsent_audio_which_never_reaches_the_carrie
     outbox.put_audio(unsent_chunk(9), "resp_2:0")
     sent = [json.loads(await outbox.next_message()) for _ in range(3)]
     assert [message["event"] for message in sent] == ["clear", "media", "mark"]
+    assert {message["streamSid"] for message in sent} == {"MZ1"}
     assert sent[2]["mark"]["name"] == "resp_2:0"
     assert reference.pop_frame().tolist() == ulaw_decode(np.frombuffer(unsent_chunk(9), dtype=np.uint8)).tolist()
     assert not reference.pop_frame().any()
@@ -183,3 +184,16 @@ async def test_a_carrier_that_stops_reading_is_found_out_once_the_outbox_holds_i
     with pytest.raises(CarrierNotReading, match=f"{CARRIER_OUTBOX_LIMIT_MS} ms of audio unsent"):
         await playback.run()
     assert trio.current_time() == pytest.approx(CARRIER_OUTBOX_LIMIT_MS / 1000)
+
+
+async def test_the_outbox_bound_counts_only_audio_unsent_now():
+    outbox = CarrierOutbox("MZ1", PlayoutReference())
+    limit_bytes = CARRIER_OUTBOX_LIMIT_MS * 8
+    outbox.put_audio(b"\xff" * 800, "resp_1:0")
+    outbox.clear()
+    outbox.put_audio(b"\xff" * limit_bytes, "resp_2:0")  # exactly the bound, once the clear emptied it
+    with pytest.raises(CarrierNotReading):
+        outbox.put_audio(b"\xff", "resp_2:1")
+    for _ in range(3):  # the clear, then the carrier takes the chunk and its mark
+        await outbox.next_message()
+    outbox.put_audio(b"\xff" * limit_bytes, "resp_2:2")

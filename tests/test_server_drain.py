@@ -111,4 +111,4 @@ async def test_past_its_maximum_of_calls_the_server_turns_new_ones_away_busy(tmp
         connected = await post_voice_webhook("127.0.0.1", port, {"CallSid": "CA" + "7" * 32}, {})
         nursery.cancel_scope.cancel()
     assert turned_away == twilio.twiml_reject_busy()
-    assert "<Connect>" in connected
+    assert "<Connect " in connected

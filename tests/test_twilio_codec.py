@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from xml.etree import ElementTree
 
 import pytest
 
@@ -61,11 +62,19 @@ def test_request_signature_matches_twilios_documented_vector():
 
 
 def test_twiml_connects_a_wss_stream_without_a_query_string_and_passes_parameters():
-    twiml = twilio.twiml_connect_stream("wss://calls.example.com/media/twilio", {"token": 'a"<b', "from": "+1555"})
+    twiml = twilio.twiml_connect_stream("wss://calls.example.com/media/twilio", {"token": 'a"<b', "from": "+1555"},
+                                        "https://calls.example.com/twilio/stream-ended")
     path, parameters = stream_from_twiml(twiml)
     assert 'url="wss://calls.example.com/media/twilio"' in twiml
     assert path == "/media/twilio"
     assert parameters == {"token": 'a"<b', "from": "+1555"}
+    assert ElementTree.fromstring(twiml).find("./Connect").get("action") == "https://calls.example.com/twilio/stream-ended"
+
+
+def test_twiml_hangs_up_after_an_apology_only_when_there_is_one():
+    assert twilio.twiml_hang_up() == '<?xml version="1.0" encoding="UTF-8"?><Response><Hangup/></Response>'
+    apology = ElementTree.fromstring(twilio.twiml_hang_up("Sorry <all> of us & you"))
+    assert [(element.tag, element.text) for element in apology] == [("Say", "Sorry <all> of us & you"), ("Hangup", None)]
 
 
 def test_stream_tokens_are_bound_to_their_call_its_parameters_and_their_expiry():

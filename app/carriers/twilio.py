@@ -9,7 +9,7 @@ import hmac
 import json
 from dataclasses import dataclass, field
 from typing import Mapping, Union
-from xml.sax.saxutils import quoteattr
+from xml.sax.saxutils import escape, quoteattr
 
 MEDIA_FRAME_MS = 20
 MEDIA_FRAME_BYTES = 160  # 20 ms of 8 kHz mu-law
@@ -124,15 +124,23 @@ def clear(stream_sid: str) -> str:
     return json.dumps({"event": "clear", "streamSid": stream_sid})
 
 
-def twiml_connect_stream(stream_url: str, parameters: Mapping[str, str]) -> str:
-    """TwiML that connects the call to our media WebSocket, passing data as <Parameter>."""
+def twiml_connect_stream(stream_url: str, parameters: Mapping[str, str], ended_url: str) -> str:
+    """TwiML that connects the call to our media WebSocket, passing data as <Parameter>; when the stream
+    ends, Twilio asks `ended_url` what comes next."""
     parameter_tags = "".join(
         f"<Parameter name={quoteattr(name)} value={quoteattr(value)}/>" for name, value in parameters.items()
     )
     return (
         '<?xml version="1.0" encoding="UTF-8"?>'
-        f"<Response><Connect><Stream url={quoteattr(stream_url)}>{parameter_tags}</Stream></Connect></Response>"
+        f"<Response><Connect action={quoteattr(ended_url)}><Stream url={quoteattr(stream_url)}>{parameter_tags}"
+        "</Stream></Connect></Response>"
     )
+
+
+def twiml_hang_up(apology: str = "") -> str:
+    """TwiML that ends the call, after Twilio's own voice says `apology` when there is one."""
+    said = f"<Say>{escape(apology)}</Say>" if apology else ""
+    return f'<?xml version="1.0" encoding="UTF-8"?><Response>{said}<Hangup/></Response>'
 
 
 def twiml_reject_busy() -> str:
