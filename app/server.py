@@ -132,7 +132,8 @@ class CallgateServer:
         return HttpResponse(200, twiml.encode(), "application/xml")
 
     async def twilio_stream_ended(self, request: HttpRequest) -> HttpResponse:
-        """What follows the stream: an apology when the bot could not be reached or was lost, else the hang-up.
+        """What follows the stream: an apology, then a person or the hang-up, when the bot could not be reached
+        or was lost; else the hang-up.
 
         The call's end reason is known here if this process ran it, else from its stored record."""
         form = request.form()
@@ -147,10 +148,14 @@ class CallgateServer:
             except peewee.PeeweeException as error:
                 log_event(logger, call_sid, "TWILIO", "end reason not readable", level=logging.ERROR,
                           why=type(error).__name__)
-        apology = self.settings.apology_text if reason in APOLOGISED_END_REASONS else ""
-        log_event(logger, call_sid, "TWILIO", "stream ended, hanging up", reason=reason or "unknown",
-                  apology=bool(apology))
-        return HttpResponse(200, twilio.twiml_hang_up(apology).encode(), "application/xml")
+        if reason in APOLOGISED_END_REASONS:
+            twiml = twilio.twiml_after_stream(self.settings.apology_text, self.settings.fallback_dial)
+            log_event(logger, call_sid, "TWILIO", "stream ended, the caller hears the apology", reason=reason,
+                      then="dial" if self.settings.fallback_dial else "hang up")
+        else:
+            twiml = twilio.twiml_after_stream()
+            log_event(logger, call_sid, "TWILIO", "stream ended, hanging up", reason=reason or "unknown")
+        return HttpResponse(200, twiml.encode(), "application/xml")
 
     async def whatsapp_verification(self, request: HttpRequest) -> HttpResponse:
         status, body = webhook.verification_answer(request.query, self.settings.whatsapp_verify_token)

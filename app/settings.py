@@ -39,6 +39,7 @@ class Settings:
         "The call must end now. Say one short, polite goodbye in the caller's language, and nothing else."
     )
     apology_text: str = "Sorry, we cannot take your call right now. Please try again later."
+    fallback_dial: str = ""  # a number that takes the call, after the apology, when the bot cannot
     server_vad_threshold: float = 0.82
     server_vad_prefix_padding_ms: int = 300
     server_vad_silence_duration_ms: int = 650

@@ -578,6 +578,6 @@ async def test_what_follows_a_stream_run_by_another_process_comes_from_its_recor
         Call.create(call_sid="CA7", stream_sid="MZ7", from_number="", to_number="",
                     started_at=datetime(2026, 1, 1), end_reason="model_link_lost")
     database.close()
-    async with serving(ScriptedRealtimeServer(), tmp_path) as port:
-        assert "<Say>" in await ask_what_follows_the_stream(port, "CA7")
+    async with serving(ScriptedRealtimeServer(), tmp_path, fallback_dial="+15550009999") as port:
+        assert "<Dial>+15550009999</Dial>" in await ask_what_follows_the_stream(port, "CA7")
         assert "<Say>" not in await ask_what_follows_the_stream(port, "CA8")  # a stream never started: hang up

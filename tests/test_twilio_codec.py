@@ -71,10 +71,12 @@ def test_twiml_connects_a_wss_stream_without_a_query_string_and_passes_parameter
     assert ElementTree.fromstring(twiml).find("./Connect").get("action") == "https://calls.example.com/twilio/stream-ended"
 
 
-def test_twiml_hangs_up_after_an_apology_only_when_there_is_one():
-    assert twilio.twiml_hang_up() == '<?xml version="1.0" encoding="UTF-8"?><Response><Hangup/></Response>'
-    apology = ElementTree.fromstring(twilio.twiml_hang_up("Sorry <all> of us & you"))
+def test_twiml_after_the_stream_apologises_only_when_asked_then_dials_or_hangs_up():
+    assert twilio.twiml_after_stream() == '<?xml version="1.0" encoding="UTF-8"?><Response><Hangup/></Response>'
+    apology = ElementTree.fromstring(twilio.twiml_after_stream("Sorry <all> of us & you"))
     assert [(element.tag, element.text) for element in apology] == [("Say", "Sorry <all> of us & you"), ("Hangup", None)]
+    handed_over = ElementTree.fromstring(twilio.twiml_after_stream("Sorry", dial="+15550009999"))
+    assert [(element.tag, element.text) for element in handed_over] == [("Say", "Sorry"), ("Dial", "+15550009999")]
 
 
 def test_stream_tokens_are_bound_to_their_call_its_parameters_and_their_expiry():

@@ -137,15 +137,12 @@ def twiml_connect_stream(stream_url: str, parameters: Mapping[str, str], ended_u
     )
 
 
-def twiml_hang_up(apology: str = "") -> str:
-    """TwiML that ends the call, after Twilio's own voice says `apology` when there is one."""
+def twiml_after_stream(apology: str = "", dial: str = "") -> str:
+    """TwiML for after the stream: `apology` in Twilio's voice when there is one, then the call goes to
+    `dial` (a person) when set, else it hangs up."""
     said = f"<Say>{escape(apology)}</Say>" if apology else ""
-    return f'<?xml version="1.0" encoding="UTF-8"?><Response>{said}<Hangup/></Response>'
-
-
-def twiml_reject_busy() -> str:
-    """TwiML that turns the call away with a busy signal, before it is answered (nothing is billed)."""
-    return '<?xml version="1.0" encoding="UTF-8"?><Response><Reject reason="busy"/></Response>'
+    then = f"<Dial>{escape(dial)}</Dial>" if dial else "<Hangup/>"
+    return f'<?xml version="1.0" encoding="UTF-8"?><Response>{said}{then}</Response>'
 
 
 def request_signature(auth_token: str, url: str, params: Mapping[str, str]) -> str:
