@@ -14,10 +14,14 @@ from xml.etree import ElementTree
 import peewee
 import pytest
 import trio
-from trio_websocket import CloseReason, ConnectionClosed, connect_websocket_url, open_websocket_url, serve_websocket
+from trio_websocket import (
+    CloseReason, ConnectionClosed, ConnectionRejected, ConnectionTimeout, HandshakeError, connect_websocket_url,
+    open_websocket_url, serve_websocket,
+)
 
 from app.call import (
     CARRIER_SILENCE_TIMEOUT_S, CLOSING_LINE_TIMEOUT_S, INBOUND_QUEUE_FRAMES, MODEL_OUTBOX_EVENTS, CallSession, ModelLinkLost,
+    worth_retrying,
 )
 from app.carriers import twilio
 from app.playback import CARRIER_OUTBOX_LIMIT_MS
@@ -581,3 +585,12 @@ async def test_what_follows_a_stream_run_by_another_process_comes_from_its_recor
     async with serving(ScriptedRealtimeServer(), tmp_path, fallback_dial="+15550009999") as port:
         assert "<Dial>+15550009999</Dial>" in await ask_what_follows_the_stream(port, "CA7")
         assert "<Say>" not in await ask_what_follows_the_stream(port, "CA8")  # a stream never started: hang up
+
+
+def test_only_a_busy_or_failing_model_or_a_socket_that_did_not_open_is_tried_again():
+    def rejected(status: int) -> ConnectionRejected:
+        return ConnectionRejected(status, [], b"")
+    assert worth_retrying(HandshakeError()) and worth_retrying(OSError("connection refused"))
+    assert worth_retrying(rejected(429)) and worth_retrying(rejected(500)) and worth_retrying(rejected(503))
+    assert not worth_retrying(rejected(401)) and not worth_retrying(rejected(404))
+    assert not worth_retrying(ConnectionTimeout())
