@@ -145,6 +145,11 @@ def twiml_after_stream(apology: str = "", dial: str = "") -> str:
     return f'<?xml version="1.0" encoding="UTF-8"?><Response>{said}{then}</Response>'
 
 
+def twiml_reject_busy() -> str:
+    """TwiML that turns the call away with a busy signal, before it is answered (nothing is billed)."""
+    return '<?xml version="1.0" encoding="UTF-8"?><Response><Reject reason="busy"/></Response>'
+
+
 def request_signature(auth_token: str, url: str, params: Mapping[str, str]) -> str:
     """X-Twilio-Signature: base64 HMAC-SHA1 over the URL and the sorted POST parameters."""
     signed = url + "".join(name + params[name] for name in sorted(params))
