@@ -10,7 +10,7 @@ from storage.records import WhatsappStatusRecord
 
 logger = logging.getLogger(__name__)
 
-STATUS_ORDER = {"queued": 0, "sending": 1, "unknown": 1, "sent": 2, "delivered": 3, "read": 4}
+STATUS_ORDER = {"queued": 0, "claimed": 0, "sending": 1, "unknown": 1, "sent": 2, "delivered": 3, "read": 4}
 RACE_RETRIES = 3
 
 

@@ -110,7 +110,7 @@ class WhatsappBroadcastRecipient(BaseModel):
 
 BROADCAST_STATUSES = ("pending", "running", "paused", "completed", "partial", "failed", "cancelled")
 FINISHED_BROADCAST_STATUSES = frozenset({"completed", "partial", "failed", "cancelled"})
-RECIPIENT_STATUSES = ("queued", "sending", "sent", "delivered", "read", "failed", "unknown")
+RECIPIENT_STATUSES = ("queued", "claimed", "sending", "sent", "delivered", "read", "failed", "unknown")
 
 # The recipient statuses each broadcast counter counts: a funnel, so a read message was also sent and delivered.
 COUNTED_STATUSES = {

@@ -158,7 +158,7 @@ def test_status_counts_the_rows_and_shows_the_latest_errors_first(database_url, 
     assert (status, text_status) == (0, 0)
     assert (report["id"], report["name"], report["status"]) == (broadcast_id, "מבצע אביב", "pending")
     assert report["counts"] == {
-        "total": 2, "queued": 0, "sending": 0, "sent": 0, "delivered": 0, "read": 0, "failed": 1, "unknown": 1,
+        "total": 2, "queued": 0, "claimed": 0, "sending": 0, "sent": 0, "delivered": 0, "read": 0, "failed": 1, "unknown": 1,
     }
     assert report["last_errors"] == [
         {"phone": first_row.phone, "error_code": None, "error_message": "worker lost while sending",
@@ -167,7 +167,7 @@ def test_status_counts_the_rows_and_shows_the_latest_errors_first(database_url, 
     ]
     assert text_out.splitlines() == [
         f"broadcast {broadcast_id} 'מבצע אביב': pending",
-        "  total 2  queued 0  sending 0  sent 0  delivered 0  read 0  failed 1  unknown 1",
+        "  total 2  queued 0  claimed 0  sending 0  sent 0  delivered 0  read 0  failed 1  unknown 1",
         "last errors:",
         f"  2026-11-25T09:30:05  {first_row.phone}  -  worker lost while sending",
         f"  -  {second_row.phone}  131026  Message undeliverable",

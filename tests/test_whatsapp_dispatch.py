@@ -19,7 +19,7 @@ Recipient = WhatsappBroadcastRecipient
 
 @pytest.fixture
 def claimed(database):
-    """Seven recipients of a running broadcast, all claimed by one worker."""
+    """Seven recipients of a running broadcast, all claimed by one worker, whose requests have started."""
     apply_migrations(database)
     business = Business.create(name="Acme")
     broadcast = WhatsappBroadcast.create(business=business, name="spring", message_type="text",
@@ -29,6 +29,7 @@ def claimed(database):
     dispatch.start(broadcast.id, 0.0, utc_now())
     rows = dispatch.claim(broadcast.id, "worker-1", 10, 30.0, utc_now())
     assert len(rows) == 7
+    assert all(dispatch.mark_sending(claimed_row, "worker-1") for claimed_row in rows)
     return broadcast.id, rows
 
 
@@ -44,7 +45,7 @@ def test_a_mixed_batch_moves_every_row_with_its_own_values(claimed):
         dispatch.sent(rows[1], "wamid.second", now + timedelta(seconds=1)),
         dispatch.retry(rows[2], 130429, "(#130429) Rate limit hit", now, now + timedelta(seconds=5)),
         dispatch.retry(rows[3], None, "not sent: no connection", now, now + timedelta(seconds=9)),
-        dispatch.released(rows[4]),
+        dispatch.released(rows[4], from_sending=True),
         dispatch.failed(rows[5], 131026, "(#131026) Message Undeliverable.", now + timedelta(seconds=2)),
         dispatch.unknown(rows[6], "no answer within 10 s", now + timedelta(seconds=3)),
     ]
@@ -82,3 +83,33 @@ def test_a_row_whose_lease_expired_meanwhile_stays_unknown(claimed):
     assert (broadcast.sent_count, broadcast.unknown_count) == (6, 1)
     assert {name: getattr(broadcast, name) for name in counters_from_rows(broadcast_id)} == counters_from_rows(
         broadcast_id)
+
+
+def test_a_row_is_sending_only_once_its_own_worker_starts_its_request(database):
+    apply_migrations(database)
+    business = Business.create(name="Acme")
+    broadcast = WhatsappBroadcast.create(business=business, name="spring", message_type="text",
+                                         message_text="hi", total_recipients=3)
+    Recipient.insert_many([{"broadcast": broadcast.id, "business": business.id, "phone": f"+97250234561{index}"}
+                           for index in range(3)]).execute()
+    dispatch.start(broadcast.id, 0.0, utc_now())
+    first, second, third = dispatch.claim(broadcast.id, "worker-1", 10, 30.0, utc_now())
+    assert {row(claimed_row).status for claimed_row in (first, second, third)} == {"claimed"}
+    assert not dispatch.mark_sending(first, "worker-2")  # another worker's claim
+    assert dispatch.mark_sending(first, "worker-1")
+    assert not dispatch.mark_sending(first, "worker-1")  # once
+    assert row(first).status == "sending"
+    # A claim released before its request started leaves `claimed`; a `sending` row is not touched by it.
+    assert dispatch.record_results(broadcast.id, [dispatch.released(second), dispatch.released(first)]) == 1
+    assert (row(second).status, row(second).attempts, row(second).claimed_by) == ("queued", 0, None)
+    assert row(first).status == "sending"
+    # The lease runs out: the row whose request started may have gone out, the other never did.
+    assert dispatch.expire_leases(broadcast.id, utc_now() + timedelta(seconds=60)) == 1
+    assert (row(first).status, row(first).claimed_by) == ("unknown", None)
+    assert (row(third).status, row(third).attempts, row(third).claimed_by, row(third).lease_expires_at) == (
+        "queued", 0, None, None)
+    assert not dispatch.mark_sending(third, "worker-1")  # its claim is gone: no request may start
+    assert dispatch.seconds_until_next_due(broadcast.id, utc_now()) == 0.0
+    broadcast = WhatsappBroadcast.get_by_id(broadcast.id)
+    assert {name: getattr(broadcast, name) for name in counters_from_rows(broadcast.id)} == counters_from_rows(
+        broadcast.id)

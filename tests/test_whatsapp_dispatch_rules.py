@@ -75,7 +75,7 @@ def test_a_claim_reserves_evenly_spaced_slots_and_leases_past_the_last(broadcast
     assert [c.body for c in claimed] == [text_message(f"+97250234560{index}", "שלום") for index in range(3)]
     rows = list(Recipient.select().where(Recipient.broadcast == first).order_by(Recipient.id))
     assert [(r.status, r.claimed_by, r.attempts, r.lease_expires_at) for r in rows] == [
-        ("sending", "worker-1", 1, lease_ends)] * 3 + [("queued", None, 0, None)]
+        ("claimed", "worker-1", 1, lease_ends)] * 3 + [("queued", None, 0, None)]
     assert WhatsappBroadcast.get_by_id(first).send_slot_at == slot + timedelta(seconds=0.75)
     assert statuses(second) == {"queued": 4}
     # The next claim, by any worker, takes the slots after these.
@@ -108,24 +108,28 @@ def test_only_due_queued_recipients_of_a_running_broadcast_are_claimed(broadcast
     assert statuses(second) == {"queued": 4}
 
 
-def test_an_expired_lease_leaves_its_rows_unknown_and_requeue_puts_them_back(broadcasts):
+def test_an_expired_lease_leaves_its_started_rows_unknown_its_unstarted_ones_queued(broadcasts):
     first, second = broadcasts
     for broadcast_id in broadcasts:
         dispatch.start(broadcast_id, 0.0, NOW)
-        dispatch.claim(broadcast_id, "worker-1", 2, 10.0, NOW)
+        claimed = dispatch.claim(broadcast_id, "worker-1", 3, 10.0, NOW)
+        assert all(dispatch.mark_sending(claimed_row, "worker-1") for claimed_row in claimed[:2])
     lease_ends = NOW + dispatch.SLOT_LEAD + timedelta(seconds=10.0)
     assert dispatch.expire_leases(first, lease_ends) == 0  # not yet
+    assert statuses(first) == {"sending": 2, "claimed": 1, "queued": 1}
     after = lease_ends + timedelta(seconds=1)
     assert dispatch.expire_leases(first, after) == 2
     lost = list(Recipient.select().where(Recipient.broadcast == first, Recipient.status == "unknown"))
     assert [(r.claimed_by, r.error_message, r.error_at) for r in lost] == [
         (None, "worker lost while sending; it may have been sent", after)] * 2
-    assert statuses(second) == {"sending": 2, "queued": 2}
+    assert [(r.claimed_by, r.lease_expires_at, r.attempts) for r in Recipient.select().where(
+        Recipient.broadcast == first, Recipient.status == "queued")] == [(None, None, 0)] * 2
+    assert statuses(second) == {"sending": 2, "claimed": 1, "queued": 1}
     Recipient.update(next_attempt_at=NOW).where(Recipient.status == "unknown").execute()
     assert dispatch.requeue_unknown(first) == 2
     assert statuses(first) == {"queued": 4}
     assert Recipient.select().where(Recipient.broadcast == first, Recipient.next_attempt_at.is_null(False)).count() == 0
-    assert statuses(second) == {"sending": 2, "queued": 2}
+    assert statuses(second) == {"sending": 2, "claimed": 1, "queued": 1}
 
 
 def test_pause_stops_only_that_running_broadcast(broadcasts):
@@ -150,6 +154,8 @@ def test_the_wait_for_the_next_due_recipient(broadcasts):
     assert dispatch.seconds_until_next_due(first, NOW + timedelta(seconds=9)) == 0.0
     Recipient.update(status="failed").where(Recipient.broadcast == first).execute()
     assert dispatch.seconds_until_next_due(first, NOW) is None  # nothing left
+    Recipient.update(status="claimed").where(Recipient.broadcast == first).execute()
+    assert dispatch.seconds_until_next_due(first, NOW) == 0.0  # claimed: sent soon, or queued again
     Recipient.update(status="sending").where(Recipient.broadcast == first).execute()
     assert dispatch.seconds_until_next_due(first, NOW) == 0.0  # in flight: look again soon
 
@@ -189,6 +195,7 @@ def test_recorded_results_move_that_broadcasts_counters_only(broadcasts):
         dispatch.start(broadcast_id, 0.0, NOW)
     claimed = dispatch.claim(first, "worker-1", 3, 30.0, NOW)
     dispatch.claim(second, "worker-1", 3, 30.0, NOW)
+    assert all(dispatch.mark_sending(claimed_row, "worker-1") for claimed_row in claimed)
     results = [dispatch.sent(claimed[0], "wamid.1", NOW), dispatch.failed(claimed[1], 131026, "undeliverable", NOW),
                dispatch.unknown(claimed[2], "no answer", NOW)]
     assert dispatch.record_results(first, results) == 3

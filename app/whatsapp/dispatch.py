@@ -1,8 +1,10 @@
 """The database side of sending, run in worker threads: claims with leases and shared rate slots,
 each result as a counted status move, and the broadcast's end.
 
-At most once: a row is `sending` while its request may be on the wire. A lease that expires
-(the worker crashed or hung) turns it `unknown`, never back to `queued`.
+At most once: a claimed row is `claimed` until its own request is about to start, then `sending`
+while that request may be on the wire. A lease that expires (the worker crashed or hung) turns a
+`sending` row `unknown`, never back to `queued`, and a `claimed` one back to `queued`: it was
+never sent.
 """
 
 from __future__ import annotations
@@ -73,10 +75,20 @@ def running_broadcast_ids() -> list[int]:
 
 
 def expire_leases(broadcast_id: int, now: datetime) -> int:
-    """Rows whose worker vanished mid-send may or may not have gone out: `unknown`, never resent by default."""
+    """Rows whose worker vanished mid-send may or may not have gone out: `unknown`, never resent by default.
+    Rows it claimed but never started a request for go back to the queue. Returns how many turned unknown."""
+    move_recipients(broadcast_id, "claimed", "queued", Recipient.lease_expires_at < now,
+                    claimed_by=None, lease_expires_at=None, attempts=Recipient.attempts - 1)
     return move_recipients(broadcast_id, "sending", "unknown", Recipient.lease_expires_at < now,
                            claimed_by=None, error_message="worker lost while sending; it may have been sent",
                            error_at=now)
+
+
+def mark_sending(claimed: ClaimedRecipient, worker_id: str) -> bool:
+    """claimed -> sending, just before the request starts; False when the claim is no longer this worker's
+    (its lease ran out and the row went back to the queue), and then no request may start."""
+    return bool(move_recipients(claimed.broadcast_id, "claimed", "sending", Recipient.id == claimed.recipient_id,
+                                Recipient.claimed_by == worker_id))
 
 
 def requeue_unknown(broadcast_id: int) -> int:
@@ -111,7 +123,7 @@ def claim(broadcast_id: int, worker_id: str, batch_size: int, lease_s: float, no
         next_free_slot = first_slot + len(rows) * interval
         lease_expires_at = next_free_slot + timedelta(seconds=lease_s)
         # The rows are locked (or the database is, on SQLite), so every one of them moves.
-        move_recipients(broadcast_id, "queued", "sending", Recipient.id.in_([row.id for row in rows]),
+        move_recipients(broadcast_id, "queued", "claimed", Recipient.id.in_([row.id for row in rows]),
                         claimed_by=worker_id, lease_expires_at=lease_expires_at, attempts=Recipient.attempts + 1)
         WhatsappBroadcast.update(send_slot_at=next_free_slot).where(WhatsappBroadcast.id == broadcast_id).execute()
     return [ClaimedRecipient(row.id, broadcast_id, row.phone, row.attempts + 1, first_slot + index * interval,
@@ -126,11 +138,13 @@ def message_body(broadcast: WhatsappBroadcast, phone: str) -> dict:
 
 @dataclass(frozen=True, slots=True)
 class RecipientResult:
-    """Where one claimed recipient goes from `sending`, with the fields that go with it."""
+    """Where one claimed recipient goes, from `sending` (or `claimed` when no request started), with the
+    fields that go with it."""
 
     claimed: ClaimedRecipient
     status: str
     fields: dict
+    from_status: str = "sending"
 
 
 def sent(claimed: ClaimedRecipient, message_id: str, now: datetime) -> RecipientResult:
@@ -152,31 +166,34 @@ def retry(claimed: ClaimedRecipient, code: int | None, message: str, now: dateti
                                                "next_attempt_at": next_attempt_at})
 
 
-def released(claimed: ClaimedRecipient) -> RecipientResult:
-    """Claimed but never sent (paused or cancelled first): back in the queue, the attempt not counted."""
-    return RecipientResult(claimed, "queued", {"attempts": claimed.attempts - 1})
+def released(claimed: ClaimedRecipient, *, from_sending: bool = False) -> RecipientResult:
+    """Claimed but never sent (paused or cancelled first, or refused before any message could go):
+    back in the queue, the attempt not counted."""
+    return RecipientResult(claimed, "queued", {"attempts": claimed.attempts - 1},
+                           "sending" if from_sending else "claimed")
 
 
 def record_results(broadcast_id: int, results: list[RecipientResult]) -> int:
-    """Move each claimed row out of `sending` and the broadcast's counters with them, in one transaction
-    and one UPDATE per kind of move.
+    """Move each claimed row out of `sending` or `claimed` and the broadcast's counters with them, in one
+    transaction and one UPDATE per kind of move.
 
-    Only rows still `sending` move: one whose lease expired meanwhile stays `unknown`. Locks the
-    recipient rows before the broadcast row, like move_recipients. Returns how many rows moved.
+    Only rows still where the result expects them move: one whose lease expired meanwhile stays as the
+    expiry left it. Locks the recipient rows before the broadcast row, like move_recipients. Returns
+    how many rows moved.
     """
-    groups: dict[tuple[str, tuple[str, ...]], list[RecipientResult]] = {}
+    groups: dict[tuple[str, str, tuple[str, ...]], list[RecipientResult]] = {}
     for result in results:
-        groups.setdefault((result.status, tuple(result.fields)), []).append(result)
+        groups.setdefault((result.from_status, result.status, tuple(result.fields)), []).append(result)
     counter_moves: Counter[str] = Counter()
     moved_count = 0
     with database_proxy.obj.atomic():
-        for (status, _), group in groups.items():
+        for (from_status, status, _), group in groups.items():
             moved = (Recipient.update(status=status, claimed_by=None, lease_expires_at=None, **_per_row_fields(group))
                      .where(Recipient.id.in_([result.claimed.recipient_id for result in group]),
-                            Recipient.broadcast == broadcast_id, Recipient.status == "sending")
+                            Recipient.broadcast == broadcast_id, Recipient.status == from_status)
                      .execute())
             moved_count += moved
-            for counter, change in counter_changes("sending", status).items():
+            for counter, change in counter_changes(from_status, status).items():
                 counter_moves[counter] += change * moved
         if any(counter_moves.values()):
             WhatsappBroadcast.update({getattr(WhatsappBroadcast, counter): getattr(WhatsappBroadcast, counter) + change
@@ -207,7 +224,7 @@ def pause(broadcast_id: int, reason: str) -> None:
 def seconds_until_next_due(broadcast_id: int, now: datetime) -> float | None:
     """None when nothing is left to send or in flight; else how long until a queued row is due."""
     counts = recipient_status_counts(broadcast_id)
-    if counts["sending"]:
+    if counts["sending"] or counts["claimed"]:
         return 0.0
     if not counts["queued"]:
         return None

@@ -34,6 +34,9 @@ MAX_IN_FLIGHT = 64
 MAX_BATCH = 200
 RESULTS_PER_TRANSACTION = 50
 RESULTS_BUFFER = MAX_IN_FLIGHT  # senders wait for the writer rather than outrun their leases
+MARK_SENDING_LEAD_S = 0.1
+"""A row turns `sending` this long before its slot, so the database's round trip never delays the send
+(and bunches sends past the rate); a worker killed meanwhile leaves it `unknown` though never sent."""
 
 
 @dataclass(frozen=True)
@@ -122,8 +125,9 @@ class BroadcastWorker:
     async def _send_one(self, client, recipient: ClaimedRecipient, in_flight: trio.CapacityLimiter,
                         results: trio.MemorySendChannel) -> None:
         try:
+            send_at = _trio_time_of(recipient.send_at)
             try:
-                await trio.sleep_until(_trio_time_of(recipient.send_at))
+                await trio.sleep_until(send_at - MARK_SENDING_LEAD_S)
             except trio.Cancelled:
                 with trio.CancelScope(shield=True):  # stopped before sending: the claim goes back to the queue
                     await results.send(dispatch.released(recipient))
@@ -134,6 +138,10 @@ class BroadcastWorker:
                 await results.send(dispatch.released(recipient))  # no request went out: safe to queue again
                 return
             with trio.CancelScope(shield=True):  # once the request may be on the wire, its result must be kept
+                if not await self._in_db_thread(dispatch.mark_sending, recipient, self.worker_id):
+                    self.log("claim lost before sending; not sent", level=logging.WARNING)
+                    return
+                await trio.sleep_until(send_at)
                 outcome = OutcomeUnknown("no answer in time to record it within the claim's lease")
                 with trio.move_on_at(lease_ends - lease_s / 4):
                     outcome = await post_message(client, self._url, self.settings.whatsapp_access_token,
@@ -174,10 +182,10 @@ class BroadcastWorker:
                 return dispatch.failed(recipient, code, message, now)
             case TokenRejected(code, message):
                 self._pause_reason = f"access token refused by the Cloud API (code {code}): {message}"
-                return dispatch.released(recipient)
+                return dispatch.released(recipient, from_sending=True)
             case NotSendable(reason):
                 self._pause_reason = f"no message can be sent with these settings: {reason}"
-                return dispatch.released(recipient)
+                return dispatch.released(recipient, from_sending=True)
             case OutcomeUnknown(reason):
                 self.log("send outcome unknown; not resent", level=logging.WARNING, why=reason)
                 return dispatch.unknown(recipient, reason, now)
