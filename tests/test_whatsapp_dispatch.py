@@ -29,7 +29,8 @@ def claimed(database):
     dispatch.start(broadcast.id, 0.0, utc_now())
     rows = dispatch.claim(broadcast.id, "worker-1", 10, 30.0, utc_now())
     assert len(rows) == 7
-    assert all(dispatch.mark_sending(claimed_row, "worker-1") for claimed_row in rows)
+    assert dispatch.mark_sending(broadcast.id, [r.recipient_id for r in rows], "worker-1") == {
+        r.recipient_id for r in rows}
     return broadcast.id, rows
 
 
@@ -95,9 +96,8 @@ def test_a_row_is_sending_only_once_its_own_worker_starts_its_request(database):
     dispatch.start(broadcast.id, 0.0, utc_now())
     first, second, third = dispatch.claim(broadcast.id, "worker-1", 10, 30.0, utc_now())
     assert {row(claimed_row).status for claimed_row in (first, second, third)} == {"claimed"}
-    assert not dispatch.mark_sending(first, "worker-2")  # another worker's claim
-    assert dispatch.mark_sending(first, "worker-1")
-    assert not dispatch.mark_sending(first, "worker-1")  # once
+    assert dispatch.mark_sending(broadcast.id, [first.recipient_id], "worker-2") == set()  # another's claim
+    assert dispatch.mark_sending(broadcast.id, [first.recipient_id], "worker-1") == {first.recipient_id}
     assert row(first).status == "sending"
     # A claim released before its request started leaves `claimed`; a `sending` row is not touched by it.
     assert dispatch.record_results(broadcast.id, [dispatch.released(second), dispatch.released(first)]) == 1
@@ -108,7 +108,7 @@ def test_a_row_is_sending_only_once_its_own_worker_starts_its_request(database):
     assert (row(first).status, row(first).claimed_by) == ("unknown", None)
     assert (row(third).status, row(third).attempts, row(third).claimed_by, row(third).lease_expires_at) == (
         "queued", 0, None, None)
-    assert not dispatch.mark_sending(third, "worker-1")  # its claim is gone: no request may start
+    assert dispatch.mark_sending(broadcast.id, [third.recipient_id], "worker-1") == set()  # claim gone: no request
     assert dispatch.seconds_until_next_due(broadcast.id, utc_now()) == 0.0
     broadcast = WhatsappBroadcast.get_by_id(broadcast.id)
     assert {name: getattr(broadcast, name) for name in counters_from_rows(broadcast.id)} == counters_from_rows(

@@ -113,7 +113,7 @@ def test_an_expired_lease_leaves_its_started_rows_unknown_its_unstarted_ones_que
     for broadcast_id in broadcasts:
         dispatch.start(broadcast_id, 0.0, NOW)
         claimed = dispatch.claim(broadcast_id, "worker-1", 3, 10.0, NOW)
-        assert all(dispatch.mark_sending(claimed_row, "worker-1") for claimed_row in claimed[:2])
+        assert len(dispatch.mark_sending(broadcast_id, [r.recipient_id for r in claimed[:2]], "worker-1")) == 2
     lease_ends = NOW + dispatch.SLOT_LEAD + timedelta(seconds=10.0)
     assert dispatch.expire_leases(first, lease_ends) == 0  # not yet
     assert statuses(first) == {"sending": 2, "claimed": 1, "queued": 1}
@@ -195,7 +195,7 @@ def test_recorded_results_move_that_broadcasts_counters_only(broadcasts):
         dispatch.start(broadcast_id, 0.0, NOW)
     claimed = dispatch.claim(first, "worker-1", 3, 30.0, NOW)
     dispatch.claim(second, "worker-1", 3, 30.0, NOW)
-    assert all(dispatch.mark_sending(claimed_row, "worker-1") for claimed_row in claimed)
+    assert len(dispatch.mark_sending(first, [r.recipient_id for r in claimed], "worker-1")) == 3
     results = [dispatch.sent(claimed[0], "wamid.1", NOW), dispatch.failed(claimed[1], 131026, "undeliverable", NOW),
                dispatch.unknown(claimed[2], "no answer", NOW)]
     assert dispatch.record_results(first, results) == 3

@@ -84,11 +84,14 @@ def expire_leases(broadcast_id: int, now: datetime) -> int:
                            error_at=now)
 
 
-def mark_sending(claimed: ClaimedRecipient, worker_id: str) -> bool:
-    """claimed -> sending, just before the request starts; False when the claim is no longer this worker's
-    (its lease ran out and the row went back to the queue), and then no request may start."""
-    return bool(move_recipients(claimed.broadcast_id, "claimed", "sending", Recipient.id == claimed.recipient_id,
-                                Recipient.claimed_by == worker_id))
+def mark_sending(broadcast_id: int, recipient_ids: list[int], worker_id: str) -> set[int]:
+    """claimed -> sending, just before their requests start; returns the ids that moved. One missing is no
+    longer this worker's claim (its lease ran out and the row went back to the queue): no request may start."""
+    with database_proxy.obj.atomic():
+        move_recipients(broadcast_id, "claimed", "sending", Recipient.id.in_(recipient_ids),
+                        Recipient.claimed_by == worker_id)
+        return {row.id for row in Recipient.select(Recipient.id).where(
+            Recipient.id.in_(recipient_ids), Recipient.status == "sending", Recipient.claimed_by == worker_id)}
 
 
 def requeue_unknown(broadcast_id: int) -> int:

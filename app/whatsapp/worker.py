@@ -70,6 +70,11 @@ class BroadcastWorker:
         self._status = "running"
         self._pause_reason: str | None = None
         self._db_limiter = trio.CapacityLimiter(1)
+        # Rows to mark `sending`, gathered while the previous batch of marks is in the database.
+        self._to_mark: list[int] = []
+        self._marks_written = trio.Event()
+        self._marking = False
+        self._marked: set[int] = set()
 
     def log(self, message: str, *, level: int = logging.INFO, **fields: object) -> None:
         log_event(logger, "-", "BROADCAST", message, level=level, broadcast=self.broadcast_id, worker=self.worker_id,
@@ -138,7 +143,7 @@ class BroadcastWorker:
                 await results.send(dispatch.released(recipient))  # no request went out: safe to queue again
                 return
             with trio.CancelScope(shield=True):  # once the request may be on the wire, its result must be kept
-                if not await self._in_db_thread(dispatch.mark_sending, recipient, self.worker_id):
+                if not await self._mark_sending(recipient):
                     self.log("claim lost before sending; not sent", level=logging.WARNING)
                     return
                 await trio.sleep_until(send_at)
@@ -149,6 +154,27 @@ class BroadcastWorker:
                 await results.send(self._result_of(recipient, outcome))
         finally:
             in_flight.release_on_behalf_of(recipient.recipient_id)
+
+    async def _mark_sending(self, recipient: ClaimedRecipient) -> bool:
+        """True once the row is `sending` for this worker. Rows that come due together are marked in one
+        transaction: one per send would hold back every send behind the database's round trips."""
+        self._to_mark.append(recipient.recipient_id)
+        written = self._marks_written
+        if self._marking:
+            await written.wait()
+        else:
+            self._marking = True
+            while self._to_mark:
+                batch, self._to_mark = self._to_mark, []
+                done, self._marks_written = self._marks_written, trio.Event()
+                self._marked |= await self._in_db_thread(dispatch.mark_sending, self.broadcast_id, batch,
+                                                         self.worker_id)
+                done.set()
+            self._marking = False
+        if recipient.recipient_id in self._marked:
+            self._marked.discard(recipient.recipient_id)
+            return True
+        return False
 
     async def _record_results(self, results: trio.MemoryReceiveChannel) -> None:
         """Write results a batch per transaction until every sender is done, even when the worker is cancelled."""
