@@ -21,16 +21,22 @@ Recipient = WhatsappBroadcastRecipient
 def claimed(database):
     """Seven recipients of a running broadcast, all claimed by one worker, whose requests have started."""
     apply_migrations(database)
+    broadcast_id, rows = claimed_by_one_worker(7)
+    assert dispatch.mark_sending(broadcast_id, [r.recipient_id for r in rows], "worker-1") == {
+        r.recipient_id for r in rows}
+    return broadcast_id, rows
+
+
+def claimed_by_one_worker(count: int) -> tuple[int, list[dispatch.ClaimedRecipient]]:
+    """A running broadcast of `count` recipients, every one claimed by worker-1."""
     business = Business.create(name="Acme")
     broadcast = WhatsappBroadcast.create(business=business, name="spring", message_type="text",
-                                         message_text="שלום", total_recipients=7)
+                                         message_text="שלום", total_recipients=count)
     Recipient.insert_many([{"broadcast": broadcast.id, "business": business.id, "phone": f"+97250234560{index}"}
-                           for index in range(7)]).execute()
+                           for index in range(count)]).execute()
     dispatch.start(broadcast.id, 0.0, utc_now())
     rows = dispatch.claim(broadcast.id, "worker-1", 10, 30.0, utc_now())
-    assert len(rows) == 7
-    assert dispatch.mark_sending(broadcast.id, [r.recipient_id for r in rows], "worker-1") == {
-        r.recipient_id for r in rows}
+    assert len(rows) == count
     return broadcast.id, rows
 
 
@@ -88,28 +94,22 @@ def test_a_row_whose_lease_expired_meanwhile_stays_unknown(claimed):
 
 def test_a_row_is_sending_only_once_its_own_worker_starts_its_request(database):
     apply_migrations(database)
-    business = Business.create(name="Acme")
-    broadcast = WhatsappBroadcast.create(business=business, name="spring", message_type="text",
-                                         message_text="hi", total_recipients=3)
-    Recipient.insert_many([{"broadcast": broadcast.id, "business": business.id, "phone": f"+97250234561{index}"}
-                           for index in range(3)]).execute()
-    dispatch.start(broadcast.id, 0.0, utc_now())
-    first, second, third = dispatch.claim(broadcast.id, "worker-1", 10, 30.0, utc_now())
+    broadcast_id, (first, second, third) = claimed_by_one_worker(3)
     assert {row(claimed_row).status for claimed_row in (first, second, third)} == {"claimed"}
-    assert dispatch.mark_sending(broadcast.id, [first.recipient_id], "worker-2") == set()  # another's claim
-    assert dispatch.mark_sending(broadcast.id, [first.recipient_id], "worker-1") == {first.recipient_id}
+    assert dispatch.mark_sending(broadcast_id, [first.recipient_id], "worker-2") == set()  # another's claim
+    assert dispatch.mark_sending(broadcast_id, [first.recipient_id], "worker-1") == {first.recipient_id}
     assert row(first).status == "sending"
     # A claim released before its request started leaves `claimed`; a `sending` row is not touched by it.
-    assert dispatch.record_results(broadcast.id, [dispatch.released(second), dispatch.released(first)]) == 1
+    assert dispatch.record_results(broadcast_id, [dispatch.released(second), dispatch.released(first)]) == 1
     assert (row(second).status, row(second).attempts, row(second).claimed_by) == ("queued", 0, None)
     assert row(first).status == "sending"
     # The lease runs out: the row whose request started may have gone out, the other never did.
-    assert dispatch.expire_leases(broadcast.id, utc_now() + timedelta(seconds=60)) == 1
+    assert dispatch.expire_leases(broadcast_id, utc_now() + timedelta(seconds=60)) == 1
     assert (row(first).status, row(first).claimed_by) == ("unknown", None)
     assert (row(third).status, row(third).attempts, row(third).claimed_by, row(third).lease_expires_at) == (
         "queued", 0, None, None)
-    assert dispatch.mark_sending(broadcast.id, [third.recipient_id], "worker-1") == set()  # claim gone: no request
-    assert dispatch.seconds_until_next_due(broadcast.id, utc_now()) == 0.0
-    broadcast = WhatsappBroadcast.get_by_id(broadcast.id)
-    assert {name: getattr(broadcast, name) for name in counters_from_rows(broadcast.id)} == counters_from_rows(
-        broadcast.id)
+    assert dispatch.mark_sending(broadcast_id, [third.recipient_id], "worker-1") == set()  # claim gone: no request
+    assert dispatch.seconds_until_next_due(broadcast_id, utc_now()) == 0.0
+    broadcast = WhatsappBroadcast.get_by_id(broadcast_id)
+    assert {name: getattr(broadcast, name) for name in counters_from_rows(broadcast_id)} == counters_from_rows(
+        broadcast_id)
