@@ -11,6 +11,7 @@ scripts/mutation.sh, which installs mutmut first.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -35,6 +36,9 @@ MODULES = {
         "tests/test_whatsapp_dispatch.py", "tests/test_whatsapp_dispatch_rules.py", "tests/test_whatsapp_sending.py"],
 }
 EQUIVALENT = REPO / "tests" / "mutation-equivalent.txt"
+TEST_TIMEOUT_S = 30
+"""A test of a mutant running this long hangs (the slowest test takes some 6 s): it fails, and the mutant is killed.
+Without it a mutant that spins a mock clock for ever runs into mutmut's own limit, 30 times its tests' time."""
 
 
 def equivalent_mutants() -> dict[str, str]:
@@ -66,6 +70,8 @@ def mutmut_settings(module: str, tests: list[str]) -> str:
     lines = ["", "[mutmut]", f"source_paths = {package}", f"only_mutate = {module}", "also_copy ="]
     lines += [f"    {other}" for other in PACKAGES if other != package]
     lines += ["pytest_add_cli_args_test_selection ="] + [f"    {test}" for test in tests]
+    # The thread method ends the test process, where a signal cannot interrupt a hung trio loop cleanly.
+    lines += ["pytest_add_cli_args =", f"    --timeout={TEST_TIMEOUT_S}", "    --timeout-method=thread"]
     return "\n".join(lines) + "\n"
 
 
@@ -117,6 +123,8 @@ def main() -> None:
     mutmut = shutil.which("mutmut", path=str(Path(sys.executable).parent)) or shutil.which("mutmut")
     if mutmut is None:
         parser.error("mutmut is not installed: run scripts/mutation.sh, which installs it")
+    if importlib.util.find_spec("pytest_timeout") is None:
+        parser.error("pytest-timeout is not installed: run scripts/mutation.sh, which installs it")
     if not os.environ.get("CALLGATE_TEST_PG_URL"):
         print("CALLGATE_TEST_PG_URL is not set: the PostgreSQL cases skip, so the mutants only they kill survive",
               file=sys.stderr)

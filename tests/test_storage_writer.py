@@ -43,7 +43,24 @@ def simulated_call(call_sid: str) -> list:
 
 
 # A bound on hangs, not a timing assertion: a writer stuck retrying fails the test instead of stalling it.
-HANG_GUARD_S = 30
+HANG_GUARD_S = 10
+
+
+class RetriedPastAnyLimit(BaseException):
+    """Not an Exception, so the writer's retry loop cannot catch it: it ends a writer that never gives up."""
+
+
+def give_up_after(attempts: int, monkeypatch) -> None:
+    """Batch writes past `attempts` raise RetriedPastAnyLimit: a shielded shutdown retrying for ever fails fast."""
+    real_write, calls = storage.writer.write_batch_on_a_live_connection, []
+
+    def write(database, batch):
+        calls.append(len(batch))
+        if len(calls) > attempts:
+            raise RetriedPastAnyLimit(f"{len(calls)} attempts")
+        return real_write(database, batch)
+
+    monkeypatch.setattr(storage.writer, "write_batch_on_a_live_connection", write)
 
 
 async def flush(writer: StorageWriter) -> None:
@@ -230,6 +247,7 @@ async def test_a_failing_database_is_retried_until_the_records_are_written(datab
 async def test_at_shutdown_records_a_dead_database_cannot_take_are_logged_as_lost(database, caplog, monkeypatch):
     caplog.set_level(logging.INFO, logger="storage.writer")
     monkeypatch.setattr(storage.writer, "RETRY_BASE_DELAY_S", 0.01)
+    give_up_after(5, monkeypatch)
     writer = StorageWriter(database)
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.run)
@@ -255,7 +273,7 @@ async def test_flush_after_the_writer_stopped_raises_instead_of_waiting_forever(
         nursery.cancel_scope.cancel()
     writer.submit(simulated_call("CAtoolate")[0])
 
-    with pytest.raises(RuntimeError) as raised:
+    with pytest.raises(RuntimeError) as raised, trio.fail_after(HANG_GUARD_S):
         await writer.flush()
     assert str(raised.value) == "the storage writer has stopped; queued records cannot be written"
     assert storage_log_lines(caplog, logging.ERROR) == [
