@@ -91,11 +91,13 @@ class SpectralEchoCanceller:
         warmup_frames: int = 25,
         lead_samples: int = 3,
         fit_db: float = 10.0,
+        min_fitting_frames: int = 3,
     ) -> None:
         self.band_margin = energy_ratio(band_margin_db)
         self.residual_margin = energy_ratio(residual_margin_db)
         self.min_caller_bands = min_caller_bands
         self.fit_ratio = energy_ratio(fit_db)
+        self.min_fitting_frames = min_fitting_frames
         self.quantization_fraction = energy_ratio(-quantization_loss_db)
         self.min_active_frames = min_active_frames
         self.smoothing = smoothing
@@ -155,6 +157,38 @@ class SpectralEchoCanceller:
             self.delay_samples = max(0, delay_samples + refine_delay(near, far, self.refine_search_samples)
                                      - self.lead_samples)
             self.reset()
+
+    def follow_moved_echo(self, search_samples: int, span_samples: int) -> int | None:
+        """After a far-end silence, where the echo of the last `span_samples` moved to within `search_samples`
+        of the delay (GCC-PHAT), if the filter cancels `min_fitting_frames` of those frames there.
+
+        Network jitter moves the whole echo, not its shape: the filter is kept at the new delay, which is
+        returned (None: nothing fits, and nothing changes).
+        """
+        samples, end, delay = self.samples.values, self.samples.end, self.delay_samples
+        span = min(span_samples, end - delay - search_samples) // FRAME_SAMPLES * FRAME_SAMPLES
+        if span < self.min_fitting_frames * FRAME_SAMPLES:
+            return None
+        echo_delay = delay + refine_delay(samples[0, end - span:end], samples[1, end - span - delay:end - delay],
+                                          search_samples)
+        # The filter was learned on far frames starting `lead_samples` early: so it is used again.
+        moved = max(0, echo_delay - self.lead_samples)
+        if moved == delay or self._fitting_frames(moved, span // FRAME_SAMPLES) < self.min_fitting_frames:
+            return None
+        self.delay_samples = moved
+        self.coarse_delay_samples = echo_delay
+        return echo_delay
+
+    def _fitting_frames(self, delay_samples: int, count: int) -> int:
+        """Of the last `count` frames, how many the filter removes most of (by `fit_db`) at `delay_samples`."""
+        samples, end, span = self.samples.values, self.samples.end, count * FRAME_SAMPLES
+        frames = np.vstack((samples[0, end - span:end].reshape(count, FRAME_SAMPLES),
+                            samples[1, end - span - delay_samples:end - delay_samples].reshape(count, FRAME_SAMPLES)))
+        spectra = real_spectra(frames * _WINDOW, 1)
+        near, far = spectra[:count], spectra[count:]
+        near_powers = band_sums(np.abs(near) ** 2).sum(axis=1)
+        residual_powers = band_sums(np.abs(near - self.echo_filter * far) ** 2).sum(axis=1)
+        return int(np.count_nonzero(residual_powers * self.fit_ratio < near_powers))
 
     def reset(self) -> None:
         """Forget the echo filter and the residual's gains: the line is not what they were learned on."""

@@ -61,6 +61,8 @@ ESTIMATE_EVERY_FRAMES = 50
 """Estimate once a second on a settled line..."""
 SEARCH_EVERY_FRAMES = 5
 """...and every 100 ms while the path is unknown or unconfirmed."""
+FOLLOW_EVERY_FRAMES = 2
+"""While unconfirmed, look every 40 ms for where the echo moved (the canceller's GCC-PHAT is the costly part)."""
 MIN_CORRELATION = 0.6
 """A weaker envelope correlation places no delay."""
 DOUBLE_TALK_FRAMES = 0.2 * WINDOW_FRAMES
@@ -190,7 +192,8 @@ class ReferenceEchoGate(_EnergyGate):
     canceller decides on its residual. After a far-end silence the delay is unconfirmed (network
     jitter may have moved it): the echo is then predicted JITTER_BLOCKS either side of it, broadband,
     and the frame must also reach `min_rms`, until the canceller still cancels at the delay for
-    CONFIRM_FRAMES frames or an estimate places it again. The reference
+    CONFIRM_FRAMES frames, or its filter cancels the new response's echo at a delay moved within the
+    jitter, or an estimate places it again. The reference
     tells more than `bot_audible`, which is unused.
     """
 
@@ -254,6 +257,12 @@ class ReferenceEchoGate(_EnergyGate):
             canceller.observe(near)
             fitting_frames = path.fitting_frames + 1 if canceller.cancels_most() else 0
             path = self.path = EchoPath(path.delay_blocks, path.gain, fitting_frames >= CONFIRM_FRAMES, fitting_frames)
+            if not path.confirmed and fitting_frames == 0 and self.blocks_since_far_start % (FOLLOW_EVERY_FRAMES * BLOCKS_PER_FRAME) == 0:
+                # Or it moved with the whole echo, jitter's way: the filter, kept, cancels at the new delay.
+                moved = canceller.follow_moved_echo(JITTER_BLOCKS * BLOCK_SAMPLES,
+                                                    self.blocks_since_far_start * BLOCK_SAMPLES)
+                if moved is not None:
+                    path = self.path = EchoPath(round(moved / BLOCK_SAMPLES), path.gain)
         spread = SPREAD_BLOCKS if path.confirmed else JITTER_BLOCKS
         shortest = max(0, path.delay_blocks - spread)
         broadband_echo = path.gain * float(far_by_delay[shortest:path.delay_blocks + spread + 1].max())

@@ -89,6 +89,38 @@ def run_gate(near: np.ndarray, far: np.ndarray) -> ReferenceEchoGate:
     return gate
 
 
+def canceller_moved_to(
+    speech_clip, new_delay_ms: float, new_hybrid: dict,
+) -> tuple[SpectralEchoCanceller, np.ndarray, int | None]:
+    """A canceller learned on a 93 ms echo; then, after a silence, 600 ms of the next response echoed at
+    `new_delay_ms` through `new_hybrid`: the canceller, its filter before, and what follow_moved_echo returned."""
+    answer = speech_clip("bot_answer_en.wav").astype(np.float64)
+    near = simulate_echo(answer, 93.0, 10.0, **NARROW_HYBRID) + line_noise(len(answer), NOISE_RMS, np.random.default_rng(6))
+    canceller = run_gate(to_int16(near), to_int16(answer)).canceller
+    learned_filter = canceller.echo_filter.copy()
+    greeting = np.concatenate([np.zeros(4000), speech_clip("bot_greeting_en.wav").astype(np.float64)[:4800]])
+    echo = simulate_echo(greeting, new_delay_ms, 10.0, **new_hybrid) + line_noise(len(greeting), NOISE_RMS,
+                                                                                  np.random.default_rng(7))
+    for near_frame, far_frame in zip(frames(to_int16(echo)), frames(to_int16(greeting))):
+        canceller.push(np.array((near_frame, far_frame), dtype=np.float64))
+    return canceller, learned_filter, canceller.follow_moved_echo(search_samples=400, span_samples=4800)
+
+
+def test_an_echo_moved_by_jitter_is_followed_to_its_new_delay_with_the_filter_kept(speech_clip):
+    canceller, learned_filter, moved = canceller_moved_to(speech_clip, 128.0, NARROW_HYBRID)
+    # 128 ms is 1024 samples; the path's own group delay adds a little, as it did at 93 ms.
+    assert moved is not None and 1024 <= moved <= 1024 + 16
+    assert canceller.delay_samples == moved - canceller.lead_samples
+    np.testing.assert_array_equal(canceller.echo_filter, learned_filter)
+    assert canceller.ready
+
+
+def test_an_echo_through_another_path_is_not_followed_and_the_delay_stays(speech_clip):
+    canceller, _, moved = canceller_moved_to(speech_clip, 128.0, {})
+    assert moved is None
+    assert 744 <= canceller.delay_samples <= 744 + 16
+
+
 def test_the_residual_echo_sits_far_under_the_echo_on_a_coloured_path(speech_clip):
     far = speech_clip("bot_answer_en.wav").astype(np.float64)
     near = simulate_echo(far, 93.0, 6.0, **NARROW_HYBRID) + line_noise(len(far), NOISE_RMS, np.random.default_rng(1))

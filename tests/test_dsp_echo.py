@@ -266,9 +266,9 @@ def test_an_echo_delay_that_did_not_move_is_confirmed_within_a_few_frames_of_the
 def test_an_echo_delay_moved_by_jitter_is_placed_again_as_soon_as_the_response_allows(speech_clip):
     near, far, answer_frame = greeting_then_answer(speech_clip, 120.0, 155.0, 10.0, seed=13)
     frames_taken, gate = frames_until_confirmed(near, far, answer_frame)
-    # The first estimate needs 300 ms of the response past the echo's delay; two more chances after it.
-    assert frames_taken is not None and frames_taken <= (300 + 155) // 20 + 10
-    assert frames_taken == 14  # these clips: placed by the very first estimate, 300 ms into the response
+    # No waiting 300 ms for an estimate: the filter kept from the greeting cancels at the moved delay.
+    assert frames_taken is not None and frames_taken <= 155 // 20 + 6
+    assert frames_taken == 11  # these clips: the echo's arrival, then three frames the filter cancels there
     assert gate.echo_delay_ms == pytest.approx(155.0, abs=5.0)
 
 

@@ -197,3 +197,36 @@ def test_three_unlimited_workers_send_to_everyone_within_the_database_connection
     assert finished(sending(broadcast_id, "--rate", "0", "--workers", "3")) == 0
     assert len(records(record_path)) == 1500
     assert set(assert_accounted_for(broadcast_id, records(record_path)).values()) == {"sent"}
+
+
+def child_pids(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def claimed_by_process(broadcast_id: int, pid: int) -> int:
+    """Rows claimed by a worker of that process: a worker id is host:pid:random."""
+    return WhatsappBroadcastRecipient.select().where(
+        (WhatsappBroadcastRecipient.broadcast == broadcast_id)
+        & WhatsappBroadcastRecipient.claimed_by.contains(f":{pid}:")).count()
+
+
+@POSTGRESQL_ONLY
+def test_one_of_three_workers_killed_mid_send_costs_only_its_requests_in_flight_and_the_others_finish(
+        sending, sandbox):
+    _, record_path = sandbox
+    broadcast_id = new_broadcast(300)
+    # A short lease, so the killed worker's claimed rows go back to the queue while the others still send.
+    send = sending(broadcast_id, "--rate", "100", "--workers", 3, lease_s=2)
+    wait_for(lambda: len(child_pids(send.pid)) == 2 or send.poll() is not None, START_TIMEOUT_S, "the helper workers")
+    killed = child_pids(send.pid)[0]
+    wait_for(lambda: (len(records(record_path)) >= 60 and claimed_by_process(broadcast_id, killed) > 0)
+             or send.poll() is not None, SEND_TIMEOUT_S, "the helper to hold claims mid-broadcast")
+    os.kill(killed, signal.SIGKILL)
+
+    assert finished(send) == 0
+    status_of = assert_accounted_for(broadcast_id, records(record_path))
+    unknown = {phone for phone, status in status_of.items() if status == "unknown"}
+    # Only the killed worker's rows whose request may have started: in flight or marked within 0.1 s of the slot.
+    assert len(unknown) <= 20
+    assert recipient_status_counts(broadcast_id)["sent"] == 300 - len(unknown)
+    assert WhatsappBroadcast.get_by_id(broadcast_id).status == ("partial" if unknown else "completed")
