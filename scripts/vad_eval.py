@@ -353,6 +353,10 @@ def summarise(results: list[dict]) -> dict:
                 "latency_p95_ms": percentile(latencies, 95),
                 "latency_max_ms": max(latencies) if latencies else None,
                 f"slower_than_{SLOW_BARGE_IN_MS:g}_ms": sum(latency > SLOW_BARGE_IN_MS for latency in latencies),
+                # A call's barge-in is on only once its greeting was heard: the runs with one are the calls' case.
+                "latency_p95_ms_after_a_greeting": percentile(
+                    [result["latency_ms"] for result in barge_ins
+                     if result["cell"][1] == "greeting" and result["latency_ms"] is not None], 95),
                 "latency_from_first_loud_frame_p50_ms": percentile(from_loud, 50),
                 "latency_from_first_loud_frame_p95_ms": percentile(from_loud, 95),
                 "false_onsets_in_barge_in_runs": sum(result["false_onsets"] for result in barge_ins),
