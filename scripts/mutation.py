@@ -71,7 +71,8 @@ def mutmut_settings(module: str, tests: list[str]) -> str:
     lines += [f"    {other}" for other in PACKAGES if other != package]
     lines += ["pytest_add_cli_args_test_selection ="] + [f"    {test}" for test in tests]
     # The thread method ends the test process, where a signal cannot interrupt a hung trio loop cleanly.
-    lines += ["pytest_add_cli_args =", f"    --timeout={TEST_TIMEOUT_S}", "    --timeout-method=thread"]
+    lines += ["pytest_add_cli_args =", f"    --timeout={TEST_TIMEOUT_S}", "    --timeout-method=thread",
+              "    -p", "    scripts.mutation_order"]
     return "\n".join(lines) + "\n"
 
 

@@ -97,8 +97,10 @@ def test_a_row_is_sending_only_once_its_own_worker_starts_its_request(database):
     broadcast_id, (first, second, third) = claimed_by_one_worker(3)
     assert {row(claimed_row).status for claimed_row in (first, second, third)} == {"claimed"}
     assert dispatch.mark_sending(broadcast_id, [first.recipient_id], "worker-2") == set()  # another's claim
+    assert row(first).status == "claimed"
     assert dispatch.mark_sending(broadcast_id, [first.recipient_id], "worker-1") == {first.recipient_id}
     assert row(first).status == "sending"
+    assert dispatch.mark_sending(broadcast_id, [first.recipient_id], "worker-2") == set()  # sending in another's name
     # A claim released before its request started leaves `claimed`; a `sending` row is not touched by it.
     assert dispatch.record_results(broadcast_id, [dispatch.released(second), dispatch.released(first)]) == 1
     assert (row(second).status, row(second).attempts, row(second).claimed_by) == ("queued", 0, None)
