@@ -171,7 +171,7 @@ class SpectralEchoCanceller:
             return None
         echo_delay = delay + refine_delay(samples[0, end - span:end], samples[1, end - span - delay:end - delay],
                                           search_samples)
-        # The filter was learned on far frames starting `lead_samples` early: so it is used again.
+        # The filter was learned on far frames starting `lead_samples` early: the new delay keeps that lead.
         moved = max(0, echo_delay - self.lead_samples)
         if moved == delay or self._fitting_frames(moved, span // FRAME_SAMPLES) < self.min_fitting_frames:
             return None

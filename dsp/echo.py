@@ -257,7 +257,8 @@ class ReferenceEchoGate(_EnergyGate):
             canceller.observe(near)
             fitting_frames = path.fitting_frames + 1 if canceller.cancels_most() else 0
             path = self.path = EchoPath(path.delay_blocks, path.gain, fitting_frames >= CONFIRM_FRAMES, fitting_frames)
-            if not path.confirmed and fitting_frames == 0 and self.blocks_since_far_start % (FOLLOW_EVERY_FRAMES * BLOCKS_PER_FRAME) == 0:
+            follow_now = self.blocks_since_far_start % (FOLLOW_EVERY_FRAMES * BLOCKS_PER_FRAME) == 0
+            if not path.confirmed and fitting_frames == 0 and follow_now:
                 # Or it moved with the whole echo, jitter's way: the filter, kept, cancels at the new delay.
                 moved = canceller.follow_moved_echo(JITTER_BLOCKS * BLOCK_SAMPLES,
                                                     self.blocks_since_far_start * BLOCK_SAMPLES)
