@@ -21,7 +21,8 @@ from storage.models import (
 )
 from storage.records import CallEnded, CallEventRecord, CallStarted, TranscriptTurnRecord, WhatsappStatusRecord
 from storage.writer import StorageWriter, retry_delay_s
-from tests.storage_fixtures import database, database_url, postgres_database_url  # noqa: F401 (fixtures)
+from tests.storage_fixtures import (  # noqa: F401 (fixtures)
+    database, database_url, migrated_database, migrated_database_url, postgres_database_url)
 
 CALL_START = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)
 # Israel in March is UTC+2: the writer must store this as 12:00:01 UTC.
@@ -73,12 +74,6 @@ def call_sid(number: int) -> str:
 
 
 @pytest.fixture
-def migrated(database):
-    apply_migrations(database)
-    return database
-
-
-@pytest.fixture
 def postgres_migrated(postgres_database_url):
     database = storage.db.open_database(postgres_database_url)
     apply_migrations(database)
@@ -87,8 +82,8 @@ def postgres_migrated(postgres_database_url):
 
 
 @pytest.fixture
-async def writer(migrated):
-    writer = StorageWriter(migrated)
+async def writer(migrated_database):
+    writer = StorageWriter(migrated_database)
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.run)
         yield writer
@@ -146,8 +141,8 @@ async def test_times_with_a_zone_are_stored_as_utc(writer):
     assert Call.get(Call.call_sid == "CAzone").started_at == datetime(2025, 3, 1, 12, 0, 1)
 
 
-async def test_records_still_queued_at_shutdown_are_written(migrated):
-    writer = StorageWriter(migrated)
+async def test_records_still_queued_at_shutdown_are_written(migrated_database):
+    writer = StorageWriter(migrated_database)
     records = [record for number in range(150) for record in simulated_call(call_sid(number))]
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.run)
@@ -161,7 +156,7 @@ async def test_records_still_queued_at_shutdown_are_written(migrated):
     assert TranscriptTurn.select().count() == 300
 
 
-async def test_a_shutdown_during_a_batch_writes_that_batch_once_and_the_rest(migrated, monkeypatch):
+async def test_a_shutdown_during_a_batch_writes_that_batch_once_and_the_rest(migrated_database, monkeypatch):
     batch_started, release_batch = threading.Event(), threading.Event()
     real_write_batch = storage.writer.write_batch
 
@@ -171,7 +166,7 @@ async def test_a_shutdown_during_a_batch_writes_that_batch_once_and_the_rest(mig
         return real_write_batch(database, batch)
 
     monkeypatch.setattr(storage.writer, "write_batch", write_batch_after_release)
-    writer = StorageWriter(migrated)
+    writer = StorageWriter(migrated_database)
     records = [record for number in range(100) for record in simulated_call(call_sid(number))]
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.run)
@@ -206,9 +201,9 @@ async def test_a_record_that_cannot_be_written_is_logged_and_the_others_are_writ
     assert errors[2] == "call=CAnobody [STORAGE] record not written record=CallEnded error='no call CAnobody to end'"
 
 
-async def test_over_capacity_every_record_is_kept_and_one_warning_logged(migrated, caplog):
+async def test_over_capacity_every_record_is_kept_and_one_warning_logged(migrated_database, caplog):
     caplog.set_level(logging.INFO, logger="storage.writer")
-    writer = StorageWriter(migrated, capacity=5)
+    writer = StorageWriter(migrated_database, capacity=5)
     records = [record for number in range(3) for record in simulated_call(call_sid(number))]
     for record in records:
         writer.submit(record)
@@ -266,8 +261,8 @@ async def test_at_shutdown_records_a_dead_database_cannot_take_are_logged_as_los
     assert len({line[1] for line in lines}) == 1 and "calls" in lines[0][1]
 
 
-async def test_flush_after_the_writer_stopped_raises_instead_of_waiting_forever(migrated, caplog):
-    writer = StorageWriter(migrated)
+async def test_flush_after_the_writer_stopped_raises_instead_of_waiting_forever(migrated_database, caplog):
+    writer = StorageWriter(migrated_database)
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.run)
         nursery.cancel_scope.cancel()
@@ -300,7 +295,7 @@ def test_the_backoff_doubles_from_half_a_second_up_to_ten():
     assert [retry_delay_s(attempt) for attempt in range(1, 8)] == [0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
 
 
-async def test_records_are_written_in_batches_of_at_most_the_batch_size(migrated, monkeypatch):
+async def test_records_are_written_in_batches_of_at_most_the_batch_size(migrated_database, monkeypatch):
     monkeypatch.setattr(storage.writer, "BATCH_SIZE", 3)
     batch_sizes = []
     real_write_batch = storage.writer.write_batch
@@ -310,7 +305,7 @@ async def test_records_are_written_in_batches_of_at_most_the_batch_size(migrated
         return real_write_batch(database, batch)
 
     monkeypatch.setattr(storage.writer, "write_batch", counting_write_batch)
-    writer = StorageWriter(migrated)
+    writer = StorageWriter(migrated_database)
     for record in simulated_call("CAbatch"):
         writer.submit(record)
     async with trio.open_nursery() as nursery:
@@ -322,8 +317,8 @@ async def test_records_are_written_in_batches_of_at_most_the_batch_size(migrated
     assert Call.get(Call.call_sid == "CAbatch").end_reason == "caller_hung_up"
 
 
-async def test_flush_with_nothing_submitted_returns_at_once(migrated):
-    writer = StorageWriter(migrated)
+async def test_flush_with_nothing_submitted_returns_at_once(migrated_database):
+    writer = StorageWriter(migrated_database)
     with trio.fail_after(HANG_GUARD_S):
         await writer.flush()
 
@@ -380,9 +375,9 @@ async def test_an_error_without_a_message_is_logged_by_its_type(writer, caplog, 
         "call=CAempty [STORAGE] record not written record=CallEventRecord error=ValueError"]
 
 
-async def test_over_capacity_warns_once_per_overflow_and_again_after_the_queue_drained(migrated, caplog):
+async def test_over_capacity_warns_once_per_overflow_and_again_after_the_queue_drained(migrated_database, caplog):
     caplog.set_level(logging.INFO, logger="storage.writer")
-    writer = StorageWriter(migrated, capacity=3)
+    writer = StorageWriter(migrated_database, capacity=3)
     records = simulated_call("CAfull")
     for record in records[:3]:
         writer.submit(record)
@@ -403,9 +398,9 @@ async def test_over_capacity_warns_once_per_overflow_and_again_after_the_queue_d
     ]
 
 
-def test_the_default_capacity_is_ten_thousand_records(migrated, caplog):
+def test_the_default_capacity_is_ten_thousand_records(migrated_database, caplog):
     caplog.set_level(logging.INFO, logger="storage.writer")
-    writer = StorageWriter(migrated)
+    writer = StorageWriter(migrated_database)
     record = simulated_call("CAmany")[1]
     for _ in range(10_000):
         writer.submit(record)
@@ -420,7 +415,7 @@ class StrayRecord:
     log_id = "CAstray"
 
 
-async def test_a_queue_still_at_capacity_does_not_warn_again(migrated, caplog, monkeypatch):
+async def test_a_queue_still_at_capacity_does_not_warn_again(migrated_database, caplog, monkeypatch):
     caplog.set_level(logging.INFO, logger="storage.writer")
     monkeypatch.setattr(storage.writer, "BATCH_SIZE", 2)
     second_batch_started, release = threading.Event(), threading.Event()
@@ -435,7 +430,7 @@ async def test_a_queue_still_at_capacity_does_not_warn_again(migrated, caplog, m
         return real_write_batch(database, batch)
 
     monkeypatch.setattr(storage.writer, "write_batch", write_batch_held_at_the_second)
-    writer = StorageWriter(migrated, capacity=3)
+    writer = StorageWriter(migrated_database, capacity=3)
     records = simulated_call("CAedge")
     for record in records[:5]:
         writer.submit(record)  # over capacity at the fourth: one warning
@@ -534,7 +529,7 @@ def test_a_postgresql_server_that_never_answers_fails_the_connection_within_its_
     assert len(errors) == 1 and "timeout" in str(errors[0])
 
 
-async def test_a_bug_of_ours_in_a_batch_write_is_retried_and_never_stops_the_writer(migrated, caplog, monkeypatch):
+async def test_a_bug_of_ours_in_a_batch_write_is_retried_and_never_stops_the_writer(migrated_database, caplog, monkeypatch):
     caplog.set_level(logging.INFO, logger="storage.writer")
     monkeypatch.setattr(storage.writer, "RETRY_BASE_DELAY_S", 0.01)
     real_write_batch, calls = storage.writer.write_batch, []
@@ -546,7 +541,7 @@ async def test_a_bug_of_ours_in_a_batch_write_is_retried_and_never_stops_the_wri
         return real_write_batch(database, batch)
 
     monkeypatch.setattr(storage.writer, "write_batch", fails_once)
-    writer = StorageWriter(migrated)
+    writer = StorageWriter(migrated_database)
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.run)
         for record in simulated_call("CAbug"):

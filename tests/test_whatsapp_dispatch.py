@@ -8,11 +8,10 @@ from datetime import timedelta
 import pytest
 
 from app.whatsapp import dispatch
-from storage.migrate import apply_migrations
 from storage.models import (
     Business, WhatsappBroadcast, WhatsappBroadcastRecipient, counters_from_rows, move_recipients, utc_now,
 )
-from tests.storage_fixtures import database, database_url  # noqa: F401 (fixtures)
+from tests.storage_fixtures import database, migrated_database_url as database_url  # noqa: F401 (fixtures: every test here starts migrated)
 
 Recipient = WhatsappBroadcastRecipient
 
@@ -20,7 +19,6 @@ Recipient = WhatsappBroadcastRecipient
 @pytest.fixture
 def claimed(database):
     """Seven recipients of a running broadcast, all claimed by one worker, whose requests have started."""
-    apply_migrations(database)
     broadcast_id, rows = claimed_by_one_worker(7)
     assert dispatch.mark_sending(broadcast_id, [r.recipient_id for r in rows], "worker-1") == {
         r.recipient_id for r in rows}
@@ -93,7 +91,6 @@ def test_a_row_whose_lease_expired_meanwhile_stays_unknown(claimed):
 
 
 def test_a_row_is_sending_only_once_its_own_worker_starts_its_request(database):
-    apply_migrations(database)
     broadcast_id, (first, second, third) = claimed_by_one_worker(3)
     assert {row(claimed_row).status for claimed_row in (first, second, third)} == {"claimed"}
     assert dispatch.mark_sending(broadcast_id, [first.recipient_id], "worker-2") == set()  # another's claim

@@ -11,9 +11,8 @@ import pytest
 
 from app.whatsapp import dispatch
 from app.whatsapp.cloud_api import template_message, text_message
-from storage.migrate import apply_migrations
 from storage.models import Business, WhatsappBroadcast, WhatsappBroadcastRecipient, recipient_status_counts
-from tests.storage_fixtures import database, database_url  # noqa: F401 (fixtures)
+from tests.storage_fixtures import database, migrated_database_url as database_url  # noqa: F401 (fixtures: every test here starts migrated)
 
 Recipient = WhatsappBroadcastRecipient
 NOW = datetime(2026, 5, 1, 9, 0, 0)
@@ -22,7 +21,6 @@ NOW = datetime(2026, 5, 1, 9, 0, 0)
 @pytest.fixture
 def broadcasts(database):
     """Two broadcasts of four recipients each: a text one and a template one, both pending."""
-    apply_migrations(database)
     business = Business.create(name="Acme")
     made = []
     for number, fields in enumerate([{"message_type": "text", "message_text": "שלום"},
@@ -219,7 +217,6 @@ def test_a_rate_of_zero_or_infinity_means_no_limit(rate, unlimited):
 
 
 def test_workers_claiming_at_once_each_get_other_recipients_and_none_fails(database):
-    apply_migrations(database)
     business = Business.create(name="Acme")
     broadcast = WhatsappBroadcast.create(business=business, name="rush", message_type="text", message_text="hi",
                                          total_recipients=40)

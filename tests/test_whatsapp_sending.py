@@ -15,11 +15,10 @@ from app.settings import Settings
 from app.whatsapp import dispatch
 from app.whatsapp.sandbox_server import serve_sandbox
 from app.whatsapp.worker import BroadcastWorker, SendOptions
-from storage.migrate import apply_migrations
 from storage.models import (
     Business, WhatsappBroadcast, WhatsappBroadcastRecipient, counters_from_rows, recipient_status_counts, utc_now,
 )
-from tests.storage_fixtures import database, database_url  # noqa: F401 (fixtures)
+from tests.storage_fixtures import database, migrated_database_url as database_url  # noqa: F401 (fixtures: every test here starts database)
 
 PHONES = [f"+9725023456{number:02d}" for number in range(10, 70)]
 
@@ -58,19 +57,13 @@ async def send_through_sandbox(tmp_path, broadcast_id, *, fail_spec="", rate=0.0
     return final, records(record_path)
 
 
-@pytest.fixture
-def migrated(database):
-    apply_migrations(database)
-    return database
-
-
 def assert_counters_equal_rows(broadcast_id: int) -> None:
     broadcast = WhatsappBroadcast.get_by_id(broadcast_id)
     assert {name: getattr(broadcast, name) for name in counters_from_rows(broadcast_id)} == counters_from_rows(
         broadcast_id)
 
 
-async def test_every_recipient_gets_one_message_and_the_counters_match(migrated, tmp_path):
+async def test_every_recipient_gets_one_message_and_the_counters_match(database, tmp_path):
     broadcast_id = new_broadcast(40)
     final, sent = await send_through_sandbox(tmp_path, broadcast_id)
     assert final == "completed"
@@ -82,7 +75,7 @@ async def test_every_recipient_gets_one_message_and_the_counters_match(migrated,
     assert WhatsappBroadcast.get_by_id(broadcast_id).completed_at is not None
 
 
-async def test_throttling_is_retried_until_each_message_goes_out_once(migrated, tmp_path, monkeypatch):
+async def test_throttling_is_retried_until_each_message_goes_out_once(database, tmp_path, monkeypatch):
     monkeypatch.setattr("app.whatsapp.sender.RETRY_BASE_DELAY_S", 0.05)
     broadcast_id = new_broadcast(30)
     final, sent = await send_through_sandbox(tmp_path, broadcast_id, fail_spec="429:0.3,130429:0.2,500:0.1",
@@ -93,7 +86,7 @@ async def test_throttling_is_retried_until_each_message_goes_out_once(migrated, 
     assert_counters_equal_rows(broadcast_id)
 
 
-async def test_permanent_failures_fail_the_recipient_with_metas_code(migrated, tmp_path):
+async def test_permanent_failures_fail_the_recipient_with_metas_code(database, tmp_path):
     broadcast_id = new_broadcast(10)
     final, sent = await send_through_sandbox(tmp_path, broadcast_id, fail_spec="131026:1.0")
     assert (final, sent) == ("failed", [])
@@ -101,7 +94,7 @@ async def test_permanent_failures_fail_the_recipient_with_metas_code(migrated, t
     assert_counters_equal_rows(broadcast_id)
 
 
-async def test_an_expired_token_pauses_the_broadcast_and_sends_nothing(migrated, tmp_path):
+async def test_an_expired_token_pauses_the_broadcast_and_sends_nothing(database, tmp_path):
     broadcast_id = new_broadcast(10)
     final, sent = await send_through_sandbox(tmp_path, broadcast_id, fail_spec="190:1.0")
     assert (final, sent) == ("paused", [])
@@ -109,7 +102,7 @@ async def test_an_expired_token_pauses_the_broadcast_and_sends_nothing(migrated,
     assert recipient_status_counts(broadcast_id)["queued"] == 10
 
 
-async def test_a_timeout_after_the_request_went_out_is_unknown_and_never_resent(migrated, tmp_path):
+async def test_a_timeout_after_the_request_went_out_is_unknown_and_never_resent(database, tmp_path):
     broadcast_id = new_broadcast(5)
     final, sent = await send_through_sandbox(tmp_path, broadcast_id, fail_spec="timeout:1.0", lease_s=1.0)
     assert final == "failed"
@@ -119,7 +112,7 @@ async def test_a_timeout_after_the_request_went_out_is_unknown_and_never_resent(
     assert_counters_equal_rows(broadcast_id)
 
 
-async def test_the_rate_limit_holds_at_the_provider(migrated, tmp_path):
+async def test_the_rate_limit_holds_at_the_provider(database, tmp_path):
     broadcast_id = new_broadcast(25)
     final, sent = await send_through_sandbox(tmp_path, broadcast_id, rate=20.0)
     assert final == "completed"
@@ -128,7 +121,7 @@ async def test_the_rate_limit_holds_at_the_provider(migrated, tmp_path):
     assert max(sum(1 for at in received if start <= at < start + 1.0) for start in received) <= 21
 
 
-async def test_settings_no_request_can_carry_pause_the_broadcast_and_claim_nobody_for_good(migrated, tmp_path):
+async def test_settings_no_request_can_carry_pause_the_broadcast_and_claim_nobody_for_good(database, tmp_path):
     broadcast_id = new_broadcast(5)
     record_path = tmp_path / "sandbox.jsonl"
     async with trio.open_nursery() as nursery:
@@ -182,7 +175,7 @@ def assert_stopped_within_a_second(sent: list[dict], stopped_at: float, broadcas
 
 
 async def test_pausing_a_running_broadcast_stops_its_worker_and_resuming_sends_the_rest_once(
-        migrated, database_url, tmp_path):
+        database, database_url, tmp_path):
     broadcast_id = new_broadcast(len(PHONES))
     final, sent, paused_at = await stop_a_running_broadcast(tmp_path, database_url, broadcast_id, "pause")
     assert final == "paused"
@@ -198,7 +191,7 @@ async def test_pausing_a_running_broadcast_stops_its_worker_and_resuming_sends_t
     assert_counters_equal_rows(broadcast_id)
 
 
-async def test_cancelling_a_running_broadcast_stops_its_worker_for_good(migrated, database_url, tmp_path):
+async def test_cancelling_a_running_broadcast_stops_its_worker_for_good(database, database_url, tmp_path):
     broadcast_id = new_broadcast(len(PHONES))
     final, sent, cancelled_at = await stop_a_running_broadcast(tmp_path, database_url, broadcast_id, "cancel")
     assert final == "cancelled"
