@@ -5,7 +5,6 @@ A frame's path reads one way: carrier codec -> dsp -> turns -> realtime codec.
 
 from __future__ import annotations
 
-import binascii
 import logging
 import math
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -343,8 +342,8 @@ class CallSession:
                      type=event.type, why=event.validation_error)
         try:
             turn_event = to_turn_event(event)
-        except (AttributeError, TypeError, binascii.Error) as error:
-            self.log("MODEL", "bad event from model skipped", level=logging.ERROR, type=event.type, why=repr(error))
+        except protocol.ModelProtocolError as error:
+            self.log("MODEL", "bad event from model skipped", level=logging.ERROR, type=event.type, why=str(error))
             return
         if turn_event is not None:
             self.feed(turn_event)

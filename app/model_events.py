@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 from typing import Any
 
+from app.json_fields import text
+from app.realtime.protocol import ModelProtocolError
 from app.turn_events import (
     AudioDelta, AudioDone, ModelError, OutputItemAdded, ResponseCreated, ResponseDone, TranscriptDone, TurnEvent,
 )
@@ -13,21 +15,30 @@ from app.turn_events import (
 def to_turn_event(event: Any) -> TurnEvent | None:
     """The turn event for a parsed server event; None for events that only inform (logged elsewhere).
 
-    Raises AttributeError (or binascii.Error) when a loosely read event lacks what the turns need.
+    Raises ModelProtocolError when a loosely read event lacks what the turns need or holds the wrong types.
     """
+    try:
+        return _turn_event(event)
+    except (AttributeError, TypeError, ValueError) as error:  # binascii.Error is a ValueError
+        raise ModelProtocolError(f"unusable {event.type}: {type(error).__name__} {error}") from None
+
+
+def _turn_event(event: Any) -> TurnEvent | None:
     match event.type:
         case "response.created":
-            return ResponseCreated(event.response.id or "")
+            return ResponseCreated(text(event.response.id or ""))
         case "response.output_item.added":
-            return OutputItemAdded(event.response_id, event.item.id or "")
+            return OutputItemAdded(text(event.response_id), text(event.item.id or ""))
         case "response.output_audio.delta":
-            return AudioDelta(event.response_id, event.item_id, base64.b64decode(event.delta))
+            return AudioDelta(text(event.response_id), text(event.item_id), base64.b64decode(text(event.delta)))
         case "response.output_audio.done":
-            return AudioDone(event.response_id)
+            return AudioDone(text(event.response_id))
         case "response.output_audio_transcript.done":
-            return TranscriptDone(event.response_id, event.item_id, event.transcript)
+            return TranscriptDone(text(event.response_id), text(event.item_id), text(event.transcript))
         case "response.done":
-            return ResponseDone(event.response.id or "", event.response.status or "completed")
+            return ResponseDone(text(event.response.id or ""), text(event.response.status or "completed"))
         case "error":
-            return ModelError(event.error.code or event.error.type, event.error.message, event.error.event_id or "")
+            error = event.error
+            return ModelError(text(error.code or error.type), text(error.message), text(error.event_id or ""))
     return None
+

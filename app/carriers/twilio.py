@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import hmac
 import json
 from dataclasses import dataclass, field
 from typing import Mapping, Union
 from xml.sax.saxutils import escape, quoteattr
+
+from app.json_fields import text
 
 MEDIA_FRAME_MS = 20
 MEDIA_FRAME_BYTES = 160  # 20 ms of 8 kHz mu-law
@@ -72,7 +73,7 @@ def parse(text: str) -> CarrierEvent:
         raise CarrierProtocolError(f"unknown carrier event {kind!r}")
     try:
         return parser(message)
-    except (KeyError, TypeError, ValueError, binascii.Error) as error:
+    except (AttributeError, KeyError, TypeError, ValueError, OverflowError) as error:  # binascii.Error is a ValueError
         raise CarrierProtocolError(f"bad {kind!r} frame: {type(error).__name__} {error}") from None
 
 
@@ -80,10 +81,10 @@ def _parse_start(message: dict) -> Start:
     start = message["start"]
     media_format = start.get("mediaFormat") or {}
     return Start(
-        stream_sid=str(start.get("streamSid") or message["streamSid"]),
-        call_sid=str(start["callSid"]),
-        custom_parameters=dict(start.get("customParameters") or {}),
-        encoding=str(media_format.get("encoding", "audio/x-mulaw")),
+        stream_sid=text(start.get("streamSid") or message["streamSid"]),
+        call_sid=text(start["callSid"]),
+        custom_parameters={text(name): text(value) for name, value in (start.get("customParameters") or {}).items()},
+        encoding=text(media_format.get("encoding", "audio/x-mulaw")),
         sample_rate_hz=int(media_format.get("sampleRate", 8000)),
     )
 
@@ -101,9 +102,9 @@ _PARSERS = {
     "connected": lambda message: Connected(protocol=str(message.get("protocol", ""))),
     "start": _parse_start,
     "media": _parse_media,
-    "mark": lambda message: Mark(name=str(message["mark"]["name"])),
-    "dtmf": lambda message: Dtmf(digit=str(message["dtmf"]["digit"])),
-    "stop": lambda message: Stop(call_sid=str((message.get("stop") or {}).get("callSid", ""))),
+    "mark": lambda message: Mark(name=text(message["mark"]["name"])),
+    "dtmf": lambda message: Dtmf(digit=text(message["dtmf"]["digit"])),
+    "stop": lambda message: Stop(call_sid=text((message.get("stop") or {}).get("callSid", ""))),
 }
 
 
