@@ -40,6 +40,8 @@ MODEL_CONNECT_TIMEOUT_S = 10
 MODEL_CONNECT_ATTEMPTS = 3
 MODEL_CONNECT_RETRY_S = 0.25  # then 0.5 s: the caller hears silence while we try again
 MODEL_DISCONNECT_TIMEOUT_S = 1  # the model socket must be closed within 1 s of hang-up
+MODEL_PING_INTERVAL_S = 5  # a model link gone half-open sends nothing, not even a close: ask it
+MODEL_PONG_TIMEOUT_S = 5
 MODEL_OUTBOX_EVENTS = 1000  # 20 s of inbound audio: beyond that the model link is dead, not slow
 INBOUND_QUEUE_FRAMES = 50
 CARRIER_SILENCE_TIMEOUT_S = 5  # Twilio sends a frame every 20 ms, silence included: 5 s of nothing is a dead line
@@ -154,6 +156,7 @@ class CallSession:
                 nursery.start_soon(self._inbound_audio)
                 nursery.start_soon(self._model_reader, model)
                 nursery.start_soon(self._model_writer, model)
+                nursery.start_soon(self._model_keepalive, model)
                 nursery.start_soon(self._playback.run)
                 nursery.start_soon(self._close_at_max_duration)
                 self.feed(CallStarted())
@@ -354,6 +357,18 @@ class CallSession:
         try:
             async for event in self._model_out:
                 await model.send_message(protocol.encode(event))
+        except ConnectionClosed as closed:
+            raise ModelLinkLost.closed(closed) from None
+
+
+    async def _model_keepalive(self, model: WebSocketConnection) -> None:
+        try:
+            while True:
+                await trio.sleep(MODEL_PING_INTERVAL_S)
+                with trio.move_on_after(MODEL_PONG_TIMEOUT_S) as waited:
+                    await model.ping()
+                if waited.cancelled_caught:
+                    raise ModelLinkLost(f"no pong from the model within {MODEL_PONG_TIMEOUT_S} s")
         except ConnectionClosed as closed:
             raise ModelLinkLost.closed(closed) from None
 

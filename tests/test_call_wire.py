@@ -20,7 +20,8 @@ from trio_websocket import (
 )
 
 from app.call import (
-    CARRIER_SILENCE_TIMEOUT_S, CLOSING_LINE_TIMEOUT_S, INBOUND_QUEUE_FRAMES, MODEL_OUTBOX_EVENTS, CallSession, ModelLinkLost,
+    CARRIER_SILENCE_TIMEOUT_S, CLOSING_LINE_TIMEOUT_S, INBOUND_QUEUE_FRAMES, MODEL_OUTBOX_EVENTS, MODEL_PING_INTERVAL_S,
+    MODEL_PONG_TIMEOUT_S, CallSession, ModelLinkLost,
     worth_retrying,
 )
 from app.carriers import twilio
@@ -49,6 +50,7 @@ class ScriptedRealtimeServer:
     fail_first_connections: int = 0
     reject_first_connections: int = 0
     reject_status: int = 503
+    stall_after_session_update: bool = False  # reads nothing more: its frames, pings included, go unanswered
     requests: list[tuple[str, dict[str, str]]] = field(default_factory=list)
     received: list[dict] = field(default_factory=list)
     closed_at: list[float] = field(default_factory=list)
@@ -71,6 +73,8 @@ class ScriptedRealtimeServer:
                         await socket.send_message(reply if isinstance(reply, str) else json.dumps(reply))
                     if fail_this_one:
                         await socket.aclose(1011, "scripted failure")
+                    if self.stall_after_session_update:
+                        await trio.sleep_forever()
         except ConnectionClosed:
             self.closed_at.append(trio.current_time())
 
@@ -192,6 +196,16 @@ async def test_a_lost_model_link_ends_only_its_own_call(tmp_path, autojump_clock
     assert caplog.text.count("call ended reason=carrier_stop") == 1
     assert sum(any(what == "server hung up" for _, what in phone.timeline.events) for phone in phones) == 1
     assert "Traceback" not in caplog.text
+
+
+async def test_a_model_that_stalls_without_closing_is_found_by_its_missing_pong(tmp_path, autojump_clock, caplog):
+    caplog.set_level(logging.INFO, logger="callgate")
+    phones = await call_with(ScriptedRealtimeServer(stall_after_session_update=True), tmp_path, talk_for(60.0))
+    assert ("ERROR", "call=CA" + "0" * 32 + " [CALL] model link lost, ending call "
+            f"why='no pong from the model within {MODEL_PONG_TIMEOUT_S} s'") in call_log(caplog)
+    hung_up_at_s = [at for at, what in phones[0].timeline.events if what == "server hung up"]
+    assert len(hung_up_at_s) == 1
+    assert MODEL_PING_INTERVAL_S + MODEL_PONG_TIMEOUT_S <= hung_up_at_s[0] < 2 * MODEL_PING_INTERVAL_S + MODEL_PONG_TIMEOUT_S
 
 
 async def test_bad_carrier_frames_are_logged_and_the_call_goes_on(tmp_path, autojump_clock, caplog):
