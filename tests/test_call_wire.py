@@ -424,12 +424,22 @@ class ClosedModel:
     async def send_message(self, text: str) -> None:
         raise ConnectionClosed(CloseReason(1011, "server error"))
 
+    async def ping(self) -> None:
+        raise ConnectionClosed(CloseReason(1011, "server error"))
+
 
 async def test_a_model_socket_closed_on_write_is_a_lost_link_naming_its_close_code_and_reason():
     session = CallSession(Settings(), twilio.Start("MZ1", "CA1"), recorder=None)
     session._send_to_model({"type": "response.create"})
     with pytest.raises(ModelLinkLost) as lost:
         await session._model_writer(ClosedModel())
+    assert str(lost.value) == "model socket closed code=1011 server error"
+
+
+async def test_a_model_socket_closed_on_a_ping_is_a_lost_link_naming_its_close_code_and_reason(autojump_clock):
+    session = CallSession(Settings(), twilio.Start("MZ1", "CA1"), recorder=None)
+    with pytest.raises(ModelLinkLost) as lost:
+        await session._model_keepalive(ClosedModel())
     assert str(lost.value) == "model socket closed code=1011 server error"
 
 
