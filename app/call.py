@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import AsyncIterator, Callable, Protocol
@@ -110,6 +110,15 @@ class ModelLinkLost(Exception):
     def closed(cls, closed: ConnectionClosed) -> ModelLinkLost:
         """The same words whichever direction of the socket saw the close first."""
         return cls(f"model socket closed code={int(closed.reason.code)} {closed.reason.reason}")
+
+
+@contextmanager
+def model_link_lost_on_close():
+    """Whichever of the call's model tasks sees the socket closed, the call ends with the same lost link."""
+    try:
+        yield
+    except ConnectionClosed as closed:
+        raise ModelLinkLost.closed(closed) from None
 
 
 class CallSession:
@@ -325,11 +334,9 @@ class CallSession:
             self._send_to_model(protocol.input_audio_append(SILENT_FRAME))
 
     async def _model_reader(self, model: WebSocketConnection) -> None:
-        try:
+        with model_link_lost_on_close():
             while True:
                 self._on_model_message(await model.get_message())
-        except ConnectionClosed as closed:
-            raise ModelLinkLost.closed(closed) from None
 
     def _on_model_message(self, text: str | bytes) -> None:
         try:
@@ -354,23 +361,18 @@ class CallSession:
             self.log("MODEL", "model heard the caller start speaking", audio_start_ms=event.audio_start_ms)
 
     async def _model_writer(self, model: WebSocketConnection) -> None:
-        try:
+        with model_link_lost_on_close():
             async for event in self._model_out:
                 await model.send_message(protocol.encode(event))
-        except ConnectionClosed as closed:
-            raise ModelLinkLost.closed(closed) from None
-
 
     async def _model_keepalive(self, model: WebSocketConnection) -> None:
-        try:
+        with model_link_lost_on_close():
             while True:
                 await trio.sleep(MODEL_PING_INTERVAL_S)
                 with trio.move_on_after(MODEL_PONG_TIMEOUT_S) as waited:
                     await model.ping()
                 if waited.cancelled_caught:
                     raise ModelLinkLost(f"no pong from the model within {MODEL_PONG_TIMEOUT_S} s")
-        except ConnectionClosed as closed:
-            raise ModelLinkLost.closed(closed) from None
 
 
 def _optional_int(text: str | None) -> int | None:

@@ -47,7 +47,7 @@ FAULT_HANG_UP_AFTER_S = 9.0
 @dataclass
 class Churn:
     calls_placed: int = 0
-    calls_finished: int = 0
+    finished_call_sids: set[str] = field(default_factory=set)
     calls_failed: int = 0
     faults: int = 0
     failures: list[str] = field(default_factory=list)
@@ -70,14 +70,16 @@ def open_descriptors(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def calls_ended_in_database(database_path: Path) -> int:
+def record_backlog(database_path: Path, finished_call_sids: set[str]) -> int:
+    """Calls the phones have finished whose end the database does not hold yet."""
     if not database_path.exists():
-        return 0
+        return len(finished_call_sids)
     with sqlite3.connect(f"file:{database_path}?mode=ro", uri=True, timeout=5) as database:
         try:
-            return database.execute("SELECT count(*) FROM calls WHERE ended_at IS NOT NULL").fetchone()[0]
+            ended = {row[0] for row in database.execute("SELECT call_sid FROM calls WHERE ended_at IS NOT NULL")}
         except sqlite3.OperationalError:  # the server has not made its tables yet
-            return 0
+            ended = set()
+    return len(finished_call_sids - ended)
 
 
 async def wait_until_live(port: int, server: subprocess.Popen) -> None:
@@ -98,14 +100,15 @@ async def place_calls(port: int, numbers: itertools.count, churn: Churn, fault_e
     lines = list(PHONE_LINES.values())
     while trio.current_time() < stop_at:
         number = next(numbers)
+        call_sid = f"CA{number:032x}"
         churn.calls_placed += 1
         phone = SimulatedPhone(line=lines[number % len(lines)])
         hang_up_early = fault_every > 0 and number % fault_every == fault_every - 1
         try:
             with trio.move_on_after(FAULT_HANG_UP_AFTER_S if hang_up_early else math.inf):
-                await run_phone_call("127.0.0.1", port, f"CA{number:032x}", StandardCall(), phone)
+                await run_phone_call("127.0.0.1", port, call_sid, StandardCall(), phone)
             churn.faults += hang_up_early
-            churn.calls_finished += 1
+            churn.finished_call_sids.add(call_sid)
         except Exception as error:  # a failed call is a finding to report, not a reason to stop the soak
             churn.calls_failed += 1
             churn.failures.append(f"call {number}: {type(error).__name__}: {error}")
@@ -114,13 +117,13 @@ async def place_calls(port: int, numbers: itertools.count, churn: Churn, fault_e
 async def sample(pid: int, database_path: Path, churn: Churn, started: float, every_s: float,
                  samples: list[dict]) -> None:
     while True:
-        ended = await trio.to_thread.run_sync(calls_ended_in_database, database_path)
+        backlog = await trio.to_thread.run_sync(record_backlog, database_path, set(churn.finished_call_sids))
         samples.append({
             "minute": round((trio.current_time() - started) / 60, 2),
             "rss_mb": round(rss_mb(pid), 1),
             "open_descriptors": open_descriptors(pid),
-            "record_backlog": churn.calls_finished - ended,
-            "calls_finished": churn.calls_finished,
+            "record_backlog": backlog,
+            "calls_finished": len(churn.finished_call_sids),
         })
         await trio.sleep(every_s)
 
@@ -168,10 +171,10 @@ async def soak(args: argparse.Namespace, scratch: Path) -> dict:
                 for _ in range(args.concurrent):
                     callers.start_soon(place_calls, port, numbers, churn, args.fault_every, stop_at)
             with trio.move_on_after(DRAIN_LIMIT_S):
-                while churn.calls_finished > await trio.to_thread.run_sync(calls_ended_in_database, database_path):
+                while await trio.to_thread.run_sync(record_backlog, database_path, churn.finished_call_sids):
                     await trio.sleep(0.5)
             nursery.cancel_scope.cancel()
-        backlog_after_drain = churn.calls_finished - calls_ended_in_database(database_path)
+        backlog_after_drain = record_backlog(database_path, churn.finished_call_sids)
         server.send_signal(signal.SIGTERM)
         exit_code = server.wait(timeout=60)
     finally:
@@ -182,7 +185,7 @@ async def soak(args: argparse.Namespace, scratch: Path) -> dict:
                      or "Traceback" in line]
     return {
         "minutes": args.minutes, "concurrent_calls": args.concurrent,
-        "calls_placed": churn.calls_placed, "calls_finished": churn.calls_finished,
+        "calls_placed": churn.calls_placed, "calls_finished": len(churn.finished_call_sids),
         "calls_failed": churn.calls_failed, "caller_hang_ups_mid_answer": churn.faults,
         "failures": churn.failures[:10],
         "rss_mb": growth(samples, "rss_mb", RSS_ALLOWANCE_MB),
@@ -202,6 +205,8 @@ def main() -> int:
     parser.add_argument("--fault-every", type=int, default=5, help="every Nth call hangs up mid-answer (0: none)")
     parser.add_argument("--sample-s", type=float, default=10.0)
     args = parser.parse_args()
+    if args.minutes * 60 / args.sample_s < 3:
+        parser.error("growth is judged on thirds of the samples: --minutes must hold at least 3 of --sample-s")
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="callgate-soak-") as scratch:
         report = trio.run(soak, args, Path(scratch))

@@ -50,7 +50,8 @@ class ScriptedRealtimeServer:
     fail_first_connections: int = 0
     reject_first_connections: int = 0
     reject_status: int = 503
-    stall_after_session_update: bool = False  # reads nothing more: its frames, pings included, go unanswered
+    stall_after_session_update: bool = False  # reads nothing more: once the caller's audio fills its one-message
+    # queue, trio-websocket's reader blocks, and pings go unanswered
     requests: list[tuple[str, dict[str, str]]] = field(default_factory=list)
     received: list[dict] = field(default_factory=list)
     closed_at: list[float] = field(default_factory=list)

@@ -93,3 +93,8 @@ def test_stream_tokens_are_bound_to_their_call_its_parameters_and_their_expiry()
                      {**signed, "token": token[:-1]}, {**signed, "token": "١٠٠٠." + token.split(".")[1]},
                      {**signed, "token": "é" + token}, parameters):
         assert twilio.stream_token_problem("secret", "CA1", tampered, now=0) == "bad or missing token"
+
+
+@pytest.mark.parametrize("details", [None, [], {"callSid": 5}, {}])
+def test_a_stop_with_malformed_details_is_still_a_stop(details):
+    assert twilio.parse(json.dumps({"event": "stop", "stop": details})) == twilio.Stop(call_sid="")

@@ -18,7 +18,7 @@ from app.whatsapp.worker import BroadcastWorker, SendOptions
 from storage.models import (
     Business, WhatsappBroadcast, WhatsappBroadcastRecipient, counters_from_rows, recipient_status_counts, utc_now,
 )
-from tests.storage_fixtures import database, migrated_database_url as database_url  # noqa: F401 (fixtures: every test here starts database)
+from tests.storage_fixtures import database, migrated_database_url as database_url  # noqa: F401 (fixtures: every test here starts migrated)
 
 PHONES = [f"+9725023456{number:02d}" for number in range(10, 70)]
 

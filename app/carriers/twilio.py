@@ -59,10 +59,10 @@ class Stop:
 CarrierEvent = Union[Connected, Start, Media, Mark, Dtmf, Stop]
 
 
-def parse(text: str) -> CarrierEvent:
+def parse(frame: str) -> CarrierEvent:
     """Parse one text frame from Twilio; raise CarrierProtocolError naming what is wrong."""
     try:
-        message = json.loads(text)
+        message = json.loads(frame)
     except json.JSONDecodeError as error:
         raise CarrierProtocolError(f"malformed JSON from carrier: {error}") from None
     if not isinstance(message, dict):
@@ -98,13 +98,20 @@ def _parse_media(message: dict) -> Media:
     )
 
 
+
+def _lenient_call_sid(stop: object) -> str:
+    """A stop is a hang-up however its details are malformed: losing it would keep the call open."""
+    call_sid = stop.get("callSid") if isinstance(stop, dict) else None
+    return call_sid if isinstance(call_sid, str) else ""
+
+
 _PARSERS = {
-    "connected": lambda message: Connected(protocol=str(message.get("protocol", ""))),
+    "connected": lambda message: Connected(protocol=text(message.get("protocol", ""))),
     "start": _parse_start,
     "media": _parse_media,
     "mark": lambda message: Mark(name=text(message["mark"]["name"])),
     "dtmf": lambda message: Dtmf(digit=text(message["dtmf"]["digit"])),
-    "stop": lambda message: Stop(call_sid=text((message.get("stop") or {}).get("callSid", ""))),
+    "stop": lambda message: Stop(call_sid=_lenient_call_sid(message.get("stop"))),
 }
 
 
