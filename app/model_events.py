@@ -41,4 +41,3 @@ def _turn_event(event: Any) -> TurnEvent | None:
             error = event.error
             return ModelError(text(error.code or error.type), text(error.message), text(error.event_id or ""))
     return None
-

@@ -98,7 +98,6 @@ def _parse_media(message: dict) -> Media:
     )
 
 
-
 def _lenient_call_sid(stop: object) -> str:
     """A stop is a hang-up however its details are malformed: losing it would keep the call open."""
     call_sid = stop.get("callSid") if isinstance(stop, dict) else None
