@@ -103,7 +103,8 @@ def _simulate(settings: Settings, *, fast: bool, plot_path: str | None, line_nam
         # A throwaway database: a simulated call must never land among real calls.
         with tempfile.TemporaryDirectory(prefix="callgate-simulate-") as scratch:
             simulation_settings = dataclasses.replace(
-                settings, openai_api_key="", database_url=f"sqlite:///{scratch}/simulated-calls.db")
+                settings, openai_api_key="", database_url=f"sqlite:///{scratch}/simulated-calls.db",
+                spill_dir=f"{scratch}/spill")
             report = trio.run(simulate_call, simulation_settings, "CA" + uuid.uuid4().hex, PHONE_LINES[line_name],
                               clock=clock)
         if len(line_names) > 1:

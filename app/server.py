@@ -8,6 +8,7 @@ import secrets
 import signal
 import time
 from functools import partial
+from pathlib import Path
 
 import peewee
 import trio
@@ -24,7 +25,7 @@ from storage.db import database_answers, is_sqlite, open_database
 from storage.migrate import apply_migrations
 from storage.models import claim_media_stream, stored_end_reason
 from storage.records import WhatsappStatusRecord
-from storage.writer import StorageWriter
+from storage.writer import StorageWriters
 
 logger = logging.getLogger("callgate.server")
 
@@ -45,12 +46,12 @@ WHATSAPP_WEBHOOK_PATH = "/whatsapp/webhook"
 class CallgateServer:
     """Routes and per-call lifecycles; knows nothing of turn-taking, which lives in each CallSession."""
 
-    def __init__(self, settings: Settings, endpoint: ModelEndpoint, writer: StorageWriter,
+    def __init__(self, settings: Settings, endpoint: ModelEndpoint, writers: StorageWriters,
                  database: peewee.Database) -> None:
         self.settings = settings
         self.endpoint = endpoint
-        self.recorder: Recorder = writer
-        self.writer = writer
+        self.recorder: Recorder = writers.calls
+        self.writers = writers
         self.database = database
         self.active_calls: dict[str, CallSession] = {}
         self.draining = False
@@ -80,8 +81,9 @@ class CallgateServer:
     async def readyz(self, request: HttpRequest) -> HttpResponse:
         """Ready for new calls: the database answers and the writer's backlog is under its bound."""
         problems = ["draining"] if self.draining else []
-        if self.writer.queued_count >= self.writer.capacity:
-            problems.append("storage writer backlog over its bound")
+        for name, writer in self.writers.named():
+            if writer.queued_count >= writer.capacity:
+                problems.append(f"storage writer backlog over its bound ({name})")
         with trio.move_on_after(READINESS_TIMEOUT_S) as waited:
             try:
                 await trio.to_thread.run_sync(database_answers, self.database, abandon_on_cancel=True)
@@ -175,7 +177,7 @@ class CallgateServer:
             log_event(logger, "-", "WA_WEBHOOK", "callback body refused", level=logging.WARNING, why=str(error))
             return HttpResponse(400, b"not a WhatsApp Business Account notification")
         for update in updates:
-            self.recorder.submit(WhatsappStatusRecord(
+            self.writers.statuses.submit(WhatsappStatusRecord(
                 update.message_id, update.status, update.at, update.error_code, update.error_title))
         log_event(logger, "-", "WA_WEBHOOK", "callback queued", statuses=len(updates), other_entries=other_entries)
         return HttpResponse(200, b"ok")
@@ -344,21 +346,25 @@ async def serve(settings: Settings, *, terminated: trio.Event | None = None, dra
         terminated = trio.Event()
     database = open_database(settings.database_url)
     await trio.to_thread.run_sync(apply_migrations, database)
-    writer = StorageWriter(database)
+    writers = StorageWriters.spilling_to(database, Path(settings.spill_dir), capacity=settings.writer_capacity)
+    # Shielded from the server's cancellation: the writers stop only once the calls have hung up.
     writer_scope = trio.CancelScope(shield=True)
 
-    async def run_writer(task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run_writers(task_status=trio.TASK_STATUS_IGNORED) -> None:
         with writer_scope:
-            await writer.run(task_status=task_status)
+            async with trio.open_nursery() as writer_nursery:
+                for _, writer in writers.named():
+                    await writer_nursery.start(writer.run)
+                task_status.started()
 
     async with trio.open_nursery() as storage_nursery:
-        await storage_nursery.start(run_writer)
+        await storage_nursery.start(run_writers)
         try:
             async with trio.open_nursery() as nursery:
                 if drain_on_sigterm:
                     await nursery.start(_set_on_sigterm, terminated)
                 endpoint = await start_model_endpoint(settings, nursery)
-                server = CallgateServer(settings, endpoint, writer, database)
+                server = CallgateServer(settings, endpoint, writers, database)
                 listeners = await nursery.start(
                     partial(trio.serve_tcp, server.router.handle_connection, settings.port, host=settings.host)
                 )

@@ -62,6 +62,8 @@ class Settings:
 
     # Storage
     database_url: str = "sqlite:///callgate.db"
+    spill_dir: str = "callgate-spill"  # records the database could not take wait here for it
+    writer_capacity: int = 10_000  # records per writer queue in memory; past it they spill to disk
 
     # WhatsApp broadcasts (the seed's 2 msg/s and 3 retries)
     default_region: str = "IL"
@@ -108,6 +110,8 @@ class Settings:
             raise SettingsError(f"BROADCAST_LEASE_S must be above 0, got {self.broadcast_lease_s}")
         if self.max_calls < 1:
             raise SettingsError(f"CALLGATE_MAX_CALLS must be at least 1, got {self.max_calls}")
+        if self.writer_capacity < 1:
+            raise SettingsError(f"CALLGATE_WRITER_CAPACITY must be at least 1, got {self.writer_capacity}")
         if self.drain_s < 0:
             raise SettingsError(f"CALLGATE_DRAIN_S must be 0 or more, got {self.drain_s}")
         if self.max_call_s <= 0:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
 
 import peewee
 import trio
@@ -19,6 +21,7 @@ from storage.records import (
     CallEnded, CallEventRecord, CallRecord, CallStarted, TranscriptTurnRecord, WhatsappStatusRecord,
 )
 from storage.delivery import apply_delivery_status
+from storage.spill import SpillFile
 
 logger = logging.getLogger(__name__)
 
@@ -38,16 +41,24 @@ class StorageWriter:
     """Queue call records from the call path and write them from one task.
 
     `submit()` never blocks. `run()` is the writer task; `flush()` waits for what was submitted.
+    With a spill file the queue is bounded: past `capacity`, and for whatever the database could
+    not take by shutdown, records go to the file, and come back from it once the queue is empty
+    (in this run, or in the next start's). Without one, records over capacity stay in memory.
     """
 
-    def __init__(self, database: peewee.Database, *, capacity: int = 10_000) -> None:
+    def __init__(self, database: peewee.Database, *, capacity: int = 10_000, spill: SpillFile | None = None) -> None:
         self._database = database
         self._capacity = capacity
-        # Over capacity we keep queueing and warn: a lost call record is worse than memory growth.
-        self._pending: deque[CallRecord] = deque()
+        self._spill = spill
+        # (submission number, record); a record taken back from the spill file has None: no flush waits for it.
+        self._pending: deque[tuple[int | None, CallRecord]] = deque()
+        self._to_spill: list[tuple[int, CallRecord]] = []
+        # Once one record is spilled, later ones follow it to the file, so records are written in order.
+        self._spilling = False
+        self._spill_lock = trio.Lock()
         self._wakeup = trio.Event()
+        self._spill_wakeup = trio.Event()
         self._submitted_count = 0
-        self._finished_count = 0
         self._flush_waiters: list[tuple[int, trio.Event]] = []
         self._over_capacity = False
         self._stopped = False
@@ -60,6 +71,10 @@ class StorageWriter:
     def capacity(self) -> int:
         return self._capacity
 
+    @property
+    def spilling(self) -> bool:
+        return self._spilling
+
     def submit(self, record: CallRecord) -> None:
         """Queue `record` for writing; never blocks, never drops it."""
         if self._stopped:
@@ -67,19 +82,25 @@ class StorageWriter:
                 logger, record.log_id, "STORAGE", "record submitted after the writer stopped; it will not be written",
                 level=logging.ERROR, record=type(record).__name__,
             )
-        self._pending.append(record)
+        entry = (self._submitted_count, record)
         self._submitted_count += 1
+        if self._spill is not None and (self._spilling or len(self._pending) >= self._capacity):
+            self._start_spilling(record)
+            self._to_spill.append(entry)
+            self._spill_wakeup.set()
+            return
+        self._pending.append(entry)
         self._warn_once_over_capacity(record)
         self._wakeup.set()
 
     async def flush(self) -> None:
-        """Return once every record submitted before this call is written or logged as failed.
+        """Return once every record submitted before this call is written, spilled, or logged as failed.
 
         Raises RuntimeError if the writer task has already stopped with records unwritten.
         Cancelling flush() leaves the records queued.
         """
         target = self._submitted_count
-        if self._finished_count >= target:
+        if self._oldest_unfinished() >= target:
             await trio.lowlevel.checkpoint()
             return
         if self._stopped:
@@ -89,53 +110,147 @@ class StorageWriter:
         await written.wait()
 
     async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
-        """Write records as they arrive until cancelled.
+        """Write records as they arrive until cancelled; first take over what earlier runs spilled.
 
-        On cancellation it writes everything still queued, shielded, before returning.
+        On cancellation it writes everything still queued, shielded, before returning; with a spill
+        file, what the database will not take then goes to the file.
         """
+        if self._spill is not None:
+            await self._claim_leftovers()
         task_status.started()
         try:
-            while True:
-                await self._wakeup.wait()
-                self._wakeup = trio.Event()
-                await self._write_pending(max_attempts=None)
+            async with trio.open_nursery() as nursery:
+                if self._spill is not None:
+                    nursery.start_soon(self._spill_as_submitted)
+                await self._write_as_submitted()
         finally:
             with trio.CancelScope(shield=True):
                 await self._write_pending(max_attempts=SHUTDOWN_ATTEMPTS)
+                if self._spill is not None:
+                    await self._spill_at_shutdown()
             self._stopped = True
+
+    async def _write_as_submitted(self) -> None:
+        while True:
+            await self._write_pending(max_attempts=None)
+            if self._spilling and not self._pending:
+                await self._take_back_spilled()
+                if self._pending:
+                    continue
+            await self._wakeup.wait()
+            self._wakeup = trio.Event()
 
     async def _write_pending(self, *, max_attempts: int | None) -> None:
         while self._pending:
             # Records leave the deque only once written, so a cancellation here loses nothing.
-            batch = list(itertools.islice(self._pending, BATCH_SIZE))
-            await self._write_with_retries(batch, max_attempts)
+            batch = [record for _, record in itertools.islice(self._pending, BATCH_SIZE)]
+            if not await self._write_with_retries(batch, max_attempts):
+                return
             for _ in batch:
                 self._pending.popleft()
-            self._mark_finished(len(batch))
+            self._wake_flush_waiters()
 
-    async def _write_with_retries(self, batch: list[CallRecord], max_attempts: int | None) -> None:
+    async def _write_with_retries(self, batch: list[CallRecord], max_attempts: int | None) -> bool:
+        """Write `batch`, retrying while the database fails; False once `max_attempts` failed (the batch stays queued)."""
         for attempt in itertools.count(1):
             try:
                 failures = await trio.to_thread.run_sync(write_batch_on_a_live_connection, self._database, batch)
             except Exception as error:
                 # Whatever fails here (the database, or a bug of ours) is retried: it must never end the calls.
                 if max_attempts is not None and attempt >= max_attempts:
-                    _log_records_lost(batch, error)
-                    return
+                    self._give_up_at_shutdown(error)
+                    return False
                 _log_batch_retry(batch, error, attempt)
                 await trio.sleep(retry_delay_s(attempt))
                 continue
             for record, error in failures:
                 _log_record_failed(record, error)
-            return
+            return True
+        raise AssertionError("unreachable")
 
-    def _mark_finished(self, count: int) -> None:
-        self._finished_count += count
+    def _give_up_at_shutdown(self, error: Exception) -> None:
+        if self._spill is not None:
+            return  # the spill file takes what is left
+        for _, record in self._pending:
+            _log_record_lost(record, error)
+        self._pending.clear()
+        self._wake_flush_waiters()
+
+    async def _claim_leftovers(self) -> None:
+        moved = await trio.to_thread.run_sync(self._spill.claim_leftovers)
+        if moved:
+            log_event(logger, "-", "STORAGE", "spilled records of an earlier run found; writing them",
+                      level=logging.WARNING, records=moved)
+        self._spilling = not await trio.to_thread.run_sync(self._spill.is_empty)
+
+    async def _spill_as_submitted(self) -> None:
+        while True:
+            await self._spill_wakeup.wait()
+            self._spill_wakeup = trio.Event()
+            async with self._spill_lock:
+                await self._append_to_spill()
+
+    async def _append_to_spill(self) -> None:
+        """Move what waits to be spilled into the file, retrying while the disk refuses."""
+        for attempt in itertools.count(1):
+            entries = self._to_spill
+            if not entries:
+                return
+            try:
+                await trio.to_thread.run_sync(self._spill.append, [record for _, record in entries])
+            except OSError as error:
+                log_event(logger, entries[0][1].log_id, "STORAGE", "spill file write failed; retrying",
+                          level=logging.ERROR, records=len(entries), attempt=attempt, error=str(error))
+                await trio.sleep(retry_delay_s(attempt))
+                continue
+            del self._to_spill[:len(entries)]
+            self._wake_flush_waiters()
+
+    async def _take_back_spilled(self) -> None:
+        """The queue is empty: refill it with the oldest spilled records, then with those not yet on disk."""
+        async with self._spill_lock:
+            await self._append_to_spill()
+            records = await trio.to_thread.run_sync(self._spill.take, self._capacity)
+            self._pending.extend((None, record) for record in records)
+            if await trio.to_thread.run_sync(self._spill.is_empty):
+                # Records submitted while the file was read are newer than all of it.
+                self._pending.extend(self._to_spill)
+                self._to_spill = []
+                self._spilling = False
+                log_event(logger, "-", "STORAGE", "spill file written back; queueing in memory again")
+
+    async def _spill_at_shutdown(self) -> None:
+        """What the database did not take goes ahead of the file's records, what was on its way to it after them."""
+        unwritten = [record for _, record in self._pending]
+        if unwritten:
+            await trio.to_thread.run_sync(self._spill.prepend, unwritten)
+            self._pending.clear()
+        await self._append_to_spill()
+        if not await trio.to_thread.run_sync(self._spill.is_empty):
+            log_event(logger, "-", "STORAGE", "records kept in the spill file for the next start",
+                      level=logging.WARNING, file=str(self._spill.path), unwritten_at_shutdown=len(unwritten))
+
+    def _start_spilling(self, record: CallRecord) -> None:
+        if self._spilling:
+            return
+        self._spilling = True
+        log_event(logger, record.log_id, "STORAGE", "writer queue full; spilling records to disk",
+                  level=logging.WARNING, queued=len(self._pending), file=str(self._spill.path))
+
+    def _oldest_unfinished(self) -> int:
+        """The submission number of the oldest record neither written nor spilled; all are when it is the next one's."""
+        for number, _ in itertools.chain(self._pending, self._to_spill):
+            if number is not None:
+                return number
+        return self._submitted_count
+
+    def _wake_flush_waiters(self) -> None:
         if len(self._pending) < self._capacity:
             self._over_capacity = False
+        oldest_unfinished = self._oldest_unfinished()
         still_waiting = []
         for target, written in self._flush_waiters:
-            if target <= self._finished_count:
+            if target <= oldest_unfinished:
                 written.set()
             else:
                 still_waiting.append((target, written))
@@ -149,6 +264,24 @@ class StorageWriter:
             logger, record.log_id, "STORAGE", "writer queue over capacity; keeping records in memory",
             level=logging.WARNING, queued=len(self._pending), capacity=self._capacity,
         )
+
+
+@dataclass(frozen=True)
+class StorageWriters:
+    """Call records and WhatsApp delivery callbacks queue apart: a burst of callbacks never delays a call's records."""
+
+    calls: StorageWriter
+    statuses: StorageWriter
+
+    @classmethod
+    def spilling_to(cls, database: peewee.Database, directory: Path, *, capacity: int) -> "StorageWriters":
+        return cls(
+            StorageWriter(database, capacity=capacity, spill=SpillFile(directory, "calls")),
+            StorageWriter(database, capacity=capacity, spill=SpillFile(directory, "whatsapp-statuses")),
+        )
+
+    def named(self) -> list[tuple[str, StorageWriter]]:
+        return [("calls", self.calls), ("whatsapp statuses", self.statuses)]
 
 
 def retry_delay_s(attempt: int) -> float:
@@ -243,9 +376,8 @@ def _log_batch_retry(batch: list[CallRecord], error: Exception, attempt: int) ->
     )
 
 
-def _log_records_lost(batch: list[CallRecord], error: Exception) -> None:
-    for record in batch:
-        log_event(
-            logger, record.log_id, "STORAGE", "record lost at shutdown: database unavailable",
-            level=logging.ERROR, record=type(record).__name__, error=str(error).strip(),
-        )
+def _log_record_lost(record: CallRecord, error: Exception) -> None:
+    log_event(
+        logger, record.log_id, "STORAGE", "record lost at shutdown: database unavailable",
+        level=logging.ERROR, record=type(record).__name__, error=str(error).strip(),
+    )

@@ -28,7 +28,7 @@ def answer_ms_heard_at_the_phone(report) -> int:
 
 @pytest.fixture
 def settings(tmp_path):
-    return Settings(database_url=f"sqlite:///{tmp_path / 'calls.db'}", host="127.0.0.1", port=0)
+    return Settings(database_url=f"sqlite:///{tmp_path / 'calls.db'}", spill_dir=str(tmp_path / "spill"), host="127.0.0.1", port=0)
 
 
 async def test_the_seeds_manual_checks_on_a_whole_simulated_call(settings, autojump_clock, caplog):

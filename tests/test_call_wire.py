@@ -86,7 +86,7 @@ async def serving(model: ScriptedRealtimeServer, tmp_path, **overrides):
     async with trio.open_nursery() as nursery:
         model_server = await nursery.start(serve_websocket, model.handle, "127.0.0.1", 0, None)
         settings = Settings(**{
-            "database_url": f"sqlite:///{tmp_path / 'calls.db'}", "port": 0, "openai_api_key": "sk-test",
+            "database_url": f"sqlite:///{tmp_path / 'calls.db'}", "spill_dir": str(tmp_path / "spill"), "port": 0, "openai_api_key": "sk-test",
             "realtime_url": f"ws://127.0.0.1:{model_server.port}/v1/realtime", **overrides})
         yield await nursery.start(serve, settings)
         await trio.sleep(1.5)  # the server's side of each call winds down after the phone's stop

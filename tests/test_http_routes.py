@@ -23,7 +23,7 @@ from app.server import MEDIA_PATH, START_TIMEOUT_S, CallgateServer, serve
 from app.settings import Settings
 from storage.db import open_database, run_outside_transaction
 from storage.records import WhatsappStatusRecord
-from storage.writer import StorageWriter
+from storage.writer import StorageWriter, StorageWriters
 from tests.storage_fixtures import postgres_database_url  # noqa: F401 (fixture)
 
 AUTH_TOKEN = "12345"
@@ -48,7 +48,7 @@ def post(path: str, body: str, signature: str | None = None) -> bytes:
 
 
 async def with_server(tmp_path, test, **overrides):
-    settings = Settings(database_url=f"sqlite:///{tmp_path / 'h.db'}", port=0, public_host=PUBLIC_HOST, **overrides)
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'h.db'}", spill_dir=str(tmp_path / "spill"), port=0, public_host=PUBLIC_HOST, **overrides)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(serve, settings)
         await test(port)
@@ -323,8 +323,8 @@ READY = b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
 ALIVE = b"GET /livez HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
 
 
-async def test_a_database_gone_makes_the_server_unready_and_alive(postgres_database_url):
-    settings = Settings(database_url=postgres_database_url, port=0, public_host=PUBLIC_HOST)
+async def test_a_database_gone_makes_the_server_unready_and_alive(postgres_database_url, tmp_path):
+    settings = Settings(database_url=postgres_database_url, spill_dir=str(tmp_path / "spill"), port=0, public_host=PUBLIC_HOST)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(serve, settings)
         assert await http(port, READY) == (200, b'{"status": "ready"}')
@@ -341,10 +341,11 @@ async def test_a_database_gone_makes_the_server_unready_and_alive(postgres_datab
 
 async def test_a_writer_backlog_at_its_bound_makes_the_server_unready(tmp_path):
     database = open_database(f"sqlite:///{tmp_path / 'r.db'}")
-    writer = StorageWriter(database, capacity=2)
-    server = CallgateServer(Settings(), ModelEndpoint("ws://127.0.0.1:1", "m", "k"), writer, database)
-    writer.submit(WhatsappStatusRecord("wamid.1", "sent", None, None, None))
+    writers = StorageWriters(StorageWriter(database), StorageWriter(database, capacity=2))
+    server = CallgateServer(Settings(), ModelEndpoint("ws://127.0.0.1:1", "m", "k"), writers, database)
+    writers.statuses.submit(WhatsappStatusRecord("wamid.1", "sent", None, None, None))
     assert (await server.readyz(None)).status == 200
-    writer.submit(WhatsappStatusRecord("wamid.2", "sent", None, None, None))
+    writers.statuses.submit(WhatsappStatusRecord("wamid.2", "sent", None, None, None))
     response = await server.readyz(None)
-    assert (response.status, json.loads(response.body)["problems"]) == (503, ["storage writer backlog over its bound"])
+    assert (response.status, json.loads(response.body)["problems"]) == (
+        503, ["storage writer backlog over its bound (whatsapp statuses)"])

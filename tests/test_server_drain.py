@@ -37,7 +37,7 @@ def stored_calls(database_url: str) -> dict:
 
 
 async def test_a_drain_lets_short_calls_finish_closes_long_ones_and_turns_new_ones_away(tmp_path, autojump_clock):
-    settings = Settings(database_url=f"sqlite:///{tmp_path / 'calls.db'}", port=0, drain_s=12.0)
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'calls.db'}", spill_dir=str(tmp_path / "spill"), port=0, drain_s=12.0)
     terminated = trio.Event()
     phones = {"CA" + "1" * 32: SimulatedPhone(seed=1), "CA" + "2" * 32: SimulatedPhone(seed=2)}
     async with trio.open_nursery() as nursery:
@@ -101,7 +101,7 @@ async def lines_of(stream):
 
 
 async def test_past_its_maximum_of_calls_the_server_turns_new_ones_away_busy(tmp_path, autojump_clock):
-    settings = Settings(database_url=f"sqlite:///{tmp_path / 'calls.db'}", port=0, max_calls=1)
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'calls.db'}", spill_dir=str(tmp_path / "spill"), port=0, max_calls=1)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(serve, settings)
         nursery.start_soon(run_phone_call, "127.0.0.1", port, "CA" + "5" * 32, talk_for(5.0), SimulatedPhone(seed=5))

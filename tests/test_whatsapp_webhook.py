@@ -57,7 +57,7 @@ async def until(condition) -> None:
 
 @pytest.fixture
 async def webhook_client(tmp_path):
-    settings = Settings(database_url=f"sqlite:///{tmp_path / 'w.db'}", port=0, whatsapp_app_secret=APP_SECRET,
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'w.db'}", spill_dir=str(tmp_path / "spill"), port=0, whatsapp_app_secret=APP_SECRET,
                         whatsapp_verify_token=VERIFY_TOKEN)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(serve, settings)
