@@ -8,7 +8,7 @@ from typing import Any
 from app.json_fields import text
 from app.realtime.protocol import ModelProtocolError
 from app.turn_events import (
-    AudioDelta, AudioDone, ModelError, OutputItemAdded, ResponseCreated, ResponseDone, TranscriptDone, TurnEvent,
+    AudioDelta, AudioDone, CallerTurnCommitted, ModelError, OutputItemAdded, ResponseCreated, ResponseDone, TranscriptDone, TurnEvent,
 )
 
 
@@ -37,6 +37,8 @@ def _turn_event(event: Any) -> TurnEvent | None:
             return TranscriptDone(text(event.response_id), text(event.item_id), text(event.transcript))
         case "response.done":
             return ResponseDone(text(event.response.id or ""), text(event.response.status or "completed"))
+        case "input_audio_buffer.committed":
+            return CallerTurnCommitted()
         case "error":
             error = event.error
             return ModelError(text(error.code or error.type), text(error.message), text(error.event_id or ""))

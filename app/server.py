@@ -37,7 +37,7 @@ FLUSH_AT_HANG_UP_TIMEOUT_S = 5
 MEDIA_PATH = "/media/twilio"
 STREAM_ENDED_PATH = "/twilio/stream-ended"
 # The caller hears an apology from Twilio's voice when the bot could not be reached, or was lost mid-call.
-APOLOGISED_END_REASONS = ("model_unreachable", "model_link_lost", "failed")
+APOLOGISED_END_REASONS = ("model_unreachable", "model_link_lost", "model_unresponsive", "failed")
 END_REASONS_REMEMBERED = 1024
 CALL_OPTIONS = ("business_id", "barge_in")
 WHATSAPP_WEBHOOK_PATH = "/whatsapp/webhook"

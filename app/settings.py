@@ -57,6 +57,7 @@ class Settings:
     playback_lead_ms: int = 200
     playback_chunk_ms: int = 100
     max_call_s: float = 600.0
+    model_reply_timeout_s: float = 6.0  # a reply owed and no sign of it from the model: ask once more, then end
     max_calls: int = 40  # per process: measured at some 24 ms of CPU per call-second, 41 calls fill a core
     drain_s: float = 300.0
 
@@ -114,6 +115,8 @@ class Settings:
             raise SettingsError(f"CALLGATE_WRITER_CAPACITY must be at least 1, got {self.writer_capacity}")
         if self.drain_s < 0:
             raise SettingsError(f"CALLGATE_DRAIN_S must be 0 or more, got {self.drain_s}")
+        if self.model_reply_timeout_s <= 0:
+            raise SettingsError(f"CALLGATE_MODEL_REPLY_TIMEOUT_S must be above 0, got {self.model_reply_timeout_s}")
         if self.max_call_s <= 0:
             raise SettingsError(f"CALLGATE_MAX_CALL_S must be above 0, got {self.max_call_s}")
         if self.playback_chunk_ms < 20 or self.playback_chunk_ms % 20:

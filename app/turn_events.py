@@ -68,6 +68,11 @@ class VoiceOnset:
 
 
 @dataclass(frozen=True, slots=True)
+class CallerTurnCommitted:
+    """The model's turn detection took what the caller said as a finished turn: a reply is owed."""
+
+
+@dataclass(frozen=True, slots=True)
 class DtmfPressed:
     digit: str
 
@@ -91,7 +96,7 @@ class CallEnding:
 
 TurnEvent = Union[
     CallStarted, ResponseCreated, OutputItemAdded, AudioDelta, AudioDone, TranscriptDone, ResponseDone, ModelError,
-    MarkPlayed, VoiceOnset, DtmfPressed, Tick, CloseCall, CallEnding,
+    MarkPlayed, VoiceOnset, CallerTurnCommitted, DtmfPressed, Tick, CloseCall, CallEnding,
 ]
 
 

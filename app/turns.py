@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from app.realtime import protocol
 from app.settings import Settings
 from app.turn_events import (
-    AudioDelta, AudioDone, CallEnding, CallStarted, ClearCarrier, CloseCall, DtmfPressed, HangUp, Log, MarkPlayed,
+    AudioDelta, AudioDone, CallEnding, CallerTurnCommitted, CallStarted, ClearCarrier, CloseCall, DtmfPressed, HangUp, Log, MarkPlayed,
     ModelError, OutputItemAdded, PlayAudio, RecordEvent, RecordTranscript, ResponseCreated, ResponseDone, SendToModel,
     StopPlayback, Tick, TranscriptDone, TurnAction, TurnEvent, VoiceOnset,
 )
@@ -21,6 +21,8 @@ MULAW_BYTES_PER_MS = 8
 FIRST_RESPONSE_TIMEOUT_S = 10.0
 FIRST_RESPONSE_EVENT_PREFIX = "callgate_first_response_"
 CLOSING_LINE_EVENT_ID = "callgate_closing_line"
+# What shows the model is at work on a reply (an error does not).
+MODEL_PROGRESS_EVENTS = (ResponseCreated, OutputItemAdded, AudioDelta, AudioDone, TranscriptDone, ResponseDone)
 
 
 class InboundDisposition(enum.Enum):
@@ -89,6 +91,14 @@ class Closing:
     response_id: str = ""
 
 
+@dataclass(slots=True)
+class ReplyWatch:
+    """A reply is owed to the caller: the model must show it is working on one by `deadline`."""
+
+    deadline: float
+    asked_again: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class MarkPosition:
     response_id: str
@@ -114,6 +124,7 @@ class Turns:
         self._mark_count = 0
         self._sound_since_s: float | None = None
         self._closing: Closing | None = None
+        self._reply_watch: ReplyWatch | None = None
         self._chunk_bytes = settings.playback_chunk_ms * MULAW_BYTES_PER_MS
 
     @property
@@ -131,6 +142,9 @@ class Turns:
 
     def handle(self, event: TurnEvent, now: float) -> list[TurnAction]:
         actions = self._check_protection_deadline(now)
+        actions.extend(self._check_reply_deadline(now))
+        if isinstance(event, MODEL_PROGRESS_EVENTS):
+            self._model_progressed(now)
         actions.extend(self._dispatch(event, now))
         actions.extend(self._advance_closing())
         self._forget_finished_responses()
@@ -158,8 +172,10 @@ class Turns:
                 return self._on_mark_played(name)
             case VoiceOnset(voiced_ms):
                 return self._on_voice_onset(voiced_ms, now)
+            case CallerTurnCommitted():
+                return self._expect_reply(now)
             case DtmfPressed(digit):
-                return self._on_dtmf(digit)
+                return self._on_dtmf(digit, now)
             case CloseCall(reason):
                 return self._on_close_call(reason)
             case CallEnding(reason):
@@ -277,6 +293,8 @@ class Turns:
         if response is None:
             return [Log("MODEL", "response.done for an unknown response", {"resp": response_id}, "warning")]
         response.active = False
+        if status != "failed" and not response.silenced and not any(r.active for r in self._responses.values()):
+            self._reply_watch = None  # replied (a failed one is asked again; a cancelled one was no reply)
         if response_id == self.first_response_id and self.first_utterance_protected and status == "failed":
             return self._retry_or_release_first(f"status={status}", now)
         self._first_generation_ended(response, now)
@@ -379,11 +397,48 @@ class Turns:
         self._cancelled_response_ids.add(response.response_id)
         return SendToModel(protocol.response_cancel(response.response_id))
 
+    # The reply watchdog: a reply owed and a silent model is asked once more, then the call ends.
+    def _expect_reply(self, now: float) -> list[TurnAction]:
+        if self.first_utterance_protected or self._closing is not None:
+            return []  # the greeting and the closing line have deadlines of their own
+        deadline = now + self.settings.model_reply_timeout_s
+        if self._reply_watch is None:
+            self._reply_watch = ReplyWatch(deadline)
+        else:
+            self._reply_watch.deadline = deadline
+        return []
+
+    def _model_progressed(self, now: float) -> None:
+        if self._reply_watch is not None:
+            self._reply_watch.deadline = now + self.settings.model_reply_timeout_s
+
+    def _check_reply_deadline(self, now: float) -> list[TurnAction]:
+        watch = self._reply_watch
+        if watch is None or now < watch.deadline:
+            return []
+        timeout_s = self.settings.model_reply_timeout_s
+        if watch.asked_again:
+            self._reply_watch = None
+            return [
+                Log("MODEL", "no reply from the model after asking again; ending the call",
+                    {"timeout_s": timeout_s}, "error"),
+                RecordEvent("error", {"code": "model_unresponsive", "timeout_s": timeout_s}),
+                HangUp("model_unresponsive"),
+            ]
+        watch.asked_again, watch.deadline = True, now + timeout_s
+        # A stalled response would refuse the new one: it is stopped, cancelled and truncated like a barge-in.
+        stalled, silencing = self._silence_audible()
+        actions: list[TurnAction] = [Log("MODEL", "no sign of a reply from the model; asking again", {
+            "timeout_s": timeout_s, "stalled": ",".join(response.response_id for response in stalled)}, "warning")]
+        actions.extend(silencing)
+        return actions + [SendToModel(protocol.response_create())]
+
     # Closing: the bot's last words, said to the end, then the hang-up.
     def _on_close_call(self, reason: str) -> list[TurnAction]:
         if self._closing is not None:
             return []
         self._closing = Closing(reason)
+        self._reply_watch = None  # the closing line has its own deadline
         actions: list[TurnAction] = [
             Log("CALL", "closing the call: the closing line, then the hang-up", {"reason": reason}),
             RecordEvent("closing", {"reason": reason}),
@@ -429,7 +484,7 @@ class Turns:
                 actions.append(SendToModel(protocol.item_truncate(item.item_id, item.played_ms)))
         return actions
 
-    def _on_dtmf(self, digit: str) -> list[TurnAction]:
+    def _on_dtmf(self, digit: str, now: float) -> list[TurnAction]:
         actions: list[TurnAction] = [
             Log("DTMF", "caller pressed a key", {"digit": digit}),
             RecordEvent("dtmf", {"digit": digit}),
@@ -437,6 +492,7 @@ class Turns:
         ]
         if self._closing is None and not any(response.active for response in self._responses.values()):
             actions.append(SendToModel(protocol.response_create()))  # a key press deserves an answer
+            actions.extend(self._expect_reply(now))
         return actions
 
     def _on_call_ending(self, reason: str) -> list[TurnAction]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import time
@@ -50,6 +51,7 @@ class ScriptedRealtimeServer:
     fail_first_connections: int = 0
     reject_first_connections: int = 0
     reject_status: int = 503
+    commit_caller_turn_after_s: float | None = None
     stall_after_session_update: bool = False  # reads nothing more: once the caller's audio fills its one-message
     # queue, trio-websocket's reader blocks, and pings go unanswered
     requests: list[tuple[str, dict[str, str]]] = field(default_factory=list)
@@ -64,20 +66,32 @@ class ScriptedRealtimeServer:
             await request.reject(self.reject_status)
             return
         socket = await request.accept()
-        try:
-            while True:
-                event = json.loads(await socket.get_message())
-                SDK_CLIENT_EVENTS.validate_python(event)
-                self.received.append(event)
-                if event["type"] == "session.update":
-                    for reply in self.say_after_session_update:
-                        await socket.send_message(reply if isinstance(reply, str) else json.dumps(reply))
-                    if fail_this_one:
-                        await socket.aclose(1011, "scripted failure")
-                    if self.stall_after_session_update:
-                        await trio.sleep_forever()
-        except ConnectionClosed:
-            self.closed_at.append(trio.current_time())
+        async with trio.open_nursery() as nursery:
+            try:
+                while True:
+                    event = json.loads(await socket.get_message())
+                    SDK_CLIENT_EVENTS.validate_python(event)
+                    self.received.append(event)
+                    if event["type"] == "session.update":
+                        for reply in self.say_after_session_update:
+                            await socket.send_message(reply if isinstance(reply, str) else json.dumps(reply))
+                        if self.commit_caller_turn_after_s is not None:
+                            nursery.start_soon(self._commit_caller_turn_later, socket)
+                        if fail_this_one:
+                            await socket.aclose(1011, "scripted failure")
+                        if self.stall_after_session_update:
+                            await trio.sleep_forever()
+            except ConnectionClosed:
+                self.closed_at.append(trio.current_time())
+            nursery.cancel_scope.cancel()
+
+    async def _commit_caller_turn_later(self, socket) -> None:
+        """The server VAD's word that the caller finished a turn; then this model says nothing at all."""
+        await trio.sleep(self.commit_caller_turn_after_s)
+        with contextlib.suppress(ConnectionClosed):
+            await socket.send_message(json.dumps({
+                "type": "input_audio_buffer.committed", "event_id": "event_commit", "item_id": "item_caller_1",
+                "previous_item_id": None}))
 
 
 @asynccontextmanager
@@ -563,6 +577,27 @@ async def ask_what_follows_the_stream(port: int, call_sid: str) -> str:
     status, body = await http(port, post("/twilio/stream-ended", f"CallSid={call_sid}&CallStatus=in-progress"))
     assert status == 200
     return body.decode()
+
+
+async def test_a_model_that_never_answers_the_caller_is_asked_again_then_the_caller_hears_the_apology(
+        tmp_path, autojump_clock, caplog):
+    caplog.set_level(logging.INFO, logger="callgate")
+    # No greeting comes either: its retries run out and barge-in opens at some 31 s, before the caller's turn.
+    model = ScriptedRealtimeServer(commit_caller_turn_after_s=40.0)
+    phone = SimulatedPhone()
+    async with serving(model, tmp_path) as port:
+        await run_phone_call("127.0.0.1", port, "CA1", talk_for(120.0), phone)
+        what_follows = await ask_what_follows_the_stream(port, "CA1")
+    creates = [event for event in model.received if event["type"] == "response.create"]
+    assert len(creates) == 1 + Settings().first_response_max_retries + 1  # the greeting's, and the one asked again
+    assert "call=CA1 [MODEL] no sign of a reply from the model; asking again" in caplog.text
+    assert ("ERROR", "call=CA1 [MODEL] no reply from the model after asking again; ending the call timeout_s=6.0") \
+        in call_log(caplog)
+    assert "call=CA1 [CALL] call ended reason=model_unresponsive" in caplog.text
+    hung_up_at = next(at for at, what in phone.timeline.events if what == "server hung up")
+    assert 40.0 + 2 * Settings().model_reply_timeout_s <= hung_up_at <= 40.0 + 2 * Settings().model_reply_timeout_s + 1
+    said = ElementTree.fromstring(what_follows)
+    assert [(element.tag, element.text) for element in said] == [("Say", Settings().apology_text), ("Hangup", None)]
 
 
 @pytest.mark.parametrize("rejections, status, attempts, outcome", [

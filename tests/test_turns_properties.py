@@ -16,7 +16,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition,
 
 from app.settings import Settings
 from app.turn_events import (
-    AudioDelta, AudioDone, CallEnding, CallStarted, ClearCarrier, CloseCall, DtmfPressed, HangUp, MarkPlayed,
+    AudioDelta, AudioDone, CallEnding, CallerTurnCommitted, CallStarted, ClearCarrier, CloseCall, DtmfPressed, HangUp, MarkPlayed,
     ModelError, OutputItemAdded, PlayAudio, ResponseCreated, ResponseDone, SendToModel, Tick,
     TranscriptDone, VoiceOnset,
 )
@@ -141,6 +141,11 @@ class Call(RuleBasedStateMachine):
     @rule(voiced_ms=st.integers(min_value=20, max_value=2000))
     def caller_talks(self, voiced_ms):
         self.handle(VoiceOnset(voiced_ms))
+
+    @precondition(lambda self: not self.hung_up)
+    @rule()
+    def model_takes_the_callers_turn_as_finished(self):
+        self.handle(CallerTurnCommitted())
 
     @precondition(lambda self: not self.hung_up)
     @rule(digit=st.sampled_from("0123456789*#"))
