@@ -4,6 +4,7 @@ hands the untouched bytes to trio-websocket for the upgrade. Plain HTTP connecti
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
@@ -198,6 +199,67 @@ class Router:
                 await handler(ws_request)
             # The library's reader task waits on the client, which may never close: the connection ends with us.
             nursery.cancel_scope.cancel()
+
+
+class ConnectionLimits:
+    """Caps open connections, in all and per client address (0: no cap per address); past a cap a new
+    connection is closed at once, before a byte is read: a flood costs a descriptor for an instant."""
+
+    ALL_ADDRESSES = "all addresses"
+
+    def __init__(self, handle_connection: Callable[[trio.abc.Stream], Awaitable[None]], *,
+                 total: int, per_address: int) -> None:
+        self._handle_connection = handle_connection
+        self.total = total
+        self.per_address = per_address
+        self.open_count = 0
+        self._open_by_address: collections.Counter[str] = collections.Counter()
+        # Refusals since the last log line, by the cap passed (an address, or ALL_ADDRESSES): a flood logs twice.
+        self._refused: dict[str, int] = {}
+
+    async def handle_connection(self, stream: trio.abc.Stream) -> None:
+        address = _peer_address(stream)
+        cap = self._cap_passed_by_one_more(address)
+        if cap is not None:
+            self._refuse(cap)
+            await trio.aclose_forcefully(stream)
+            return
+        self._accept_again(address)
+        self.open_count += 1
+        self._open_by_address[address] += 1
+        try:
+            await self._handle_connection(stream)
+        finally:
+            self.open_count -= 1
+            self._open_by_address[address] -= 1
+            if not self._open_by_address[address]:
+                del self._open_by_address[address]
+
+    def _cap_passed_by_one_more(self, address: str) -> str | None:
+        if self.open_count >= self.total:
+            return self.ALL_ADDRESSES
+        if self.per_address and self._open_by_address[address] >= self.per_address:
+            return address
+        return None
+
+    def _refuse(self, cap: str) -> None:
+        if cap not in self._refused:
+            limit = self.total if cap == self.ALL_ADDRESSES else self.per_address
+            logger.warning("call=- [HTTP] connections refused until some close open=%d from=%r", limit, cap)
+        self._refused[cap] = self._refused.get(cap, 0) + 1
+
+    def _accept_again(self, address: str) -> None:
+        for cap in (self.ALL_ADDRESSES, address):
+            if cap in self._refused:
+                logger.warning("call=- [HTTP] connections accepted again refused=%d from=%r",
+                               self._refused.pop(cap), cap)
+
+
+def _peer_address(stream: trio.abc.Stream) -> str:
+    try:
+        return str(stream.socket.getpeername()[0])
+    except (AttributeError, OSError):
+        return "unknown"  # not a socket, or one already reset
 
 
 def _websocket_handshake_refusal(headers: dict[str, str]) -> str | None:

@@ -16,7 +16,7 @@ from trio_websocket import ConnectionClosed, DisconnectionTimeout, HandshakeErro
 
 from app.call import CLOSING_LINE_TIMEOUT_S, CallSession, ModelEndpoint, Recorder, open_model_socket
 from app.carriers import twilio
-from app.http import CLOSE_TIMEOUT_S, HttpRequest, HttpResponse, Router
+from app.http import CLOSE_TIMEOUT_S, ConnectionLimits, HttpRequest, HttpResponse, Router
 from app.logs import log_event
 from app.realtime.local import LocalRealtimeModel
 from app.settings import Settings
@@ -365,8 +365,10 @@ async def serve(settings: Settings, *, terminated: trio.Event | None = None, dra
                     await nursery.start(_set_on_sigterm, terminated)
                 endpoint = await start_model_endpoint(settings, nursery)
                 server = CallgateServer(settings, endpoint, writers, database)
+                limits = ConnectionLimits(server.router.handle_connection, total=settings.max_connections,
+                                          per_address=settings.max_connections_per_ip)
                 listeners = await nursery.start(
-                    partial(trio.serve_tcp, server.router.handle_connection, settings.port, host=settings.host)
+                    partial(trio.serve_tcp, limits.handle_connection, settings.port, host=settings.host)
                 )
                 port = listeners[0].socket.getsockname()[1]
                 logger.info("call=- [SERVER] listening %s", json.dumps({"host": settings.host, "port": port}))

@@ -58,6 +58,8 @@ class Settings:
     playback_chunk_ms: int = 100
     max_call_s: float = 600.0
     model_reply_timeout_s: float = 6.0  # a reply owed and no sign of it from the model: ask once more, then end
+    max_connections: int = 1000  # per process, HTTP and WebSocket; above it a connection is closed at once
+    max_connections_per_ip: int = 100  # 0: no cap, for a process behind a proxy that connects for everyone
     max_calls: int = 40  # per process: measured at some 24 ms of CPU per call-second, 41 calls fill a core
     drain_s: float = 300.0
 
@@ -109,6 +111,11 @@ class Settings:
             raise SettingsError(f"BROADCAST_MAX_RETRIES must be 0 or more, got {self.broadcast_max_retries}")
         if self.broadcast_lease_s <= 0:
             raise SettingsError(f"BROADCAST_LEASE_S must be above 0, got {self.broadcast_lease_s}")
+        if self.max_connections < 1:
+            raise SettingsError(f"CALLGATE_MAX_CONNECTIONS must be at least 1, got {self.max_connections}")
+        if self.max_connections_per_ip < 0:
+            raise SettingsError(
+                f"CALLGATE_MAX_CONNECTIONS_PER_IP must be 0 (no cap) or more, got {self.max_connections_per_ip}")
         if self.max_calls < 1:
             raise SettingsError(f"CALLGATE_MAX_CALLS must be at least 1, got {self.max_calls}")
         if self.writer_capacity < 1:

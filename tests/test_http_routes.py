@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
 import socket
 import time
@@ -123,6 +124,7 @@ async def test_the_webhook_passes_a_numbers_business_and_barge_in_choice_to_the_
 
 
 HEALTH = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+HEALTH_AND_CLOSE = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
 
 
 async def test_a_connection_serves_requests_until_the_client_says_close(tmp_path, autojump_clock):
@@ -349,3 +351,53 @@ async def test_a_writer_backlog_at_its_bound_makes_the_server_unready(tmp_path):
     response = await server.readyz(None)
     assert (response.status, json.loads(response.body)["problems"]) == (
         503, ["storage writer backlog over its bound (whatsapp statuses)"])
+
+
+async def closed_at_once(port: int) -> bool:
+    """Whether the server closes a new connection before it sends anything."""
+    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        with trio.move_on_after(0.5):
+            try:
+                return await stream.receive_some() == b""
+            except trio.BrokenResourceError:
+                return True  # reset
+    return False
+
+
+async def test_five_hundred_idle_connections_are_cut_off_and_never_crowd_out_a_caller(tmp_path, autojump_clock):
+    async def check(port):
+        await http(port, HEALTH_AND_CLOSE)
+        baseline = open_descriptors()
+        idle = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(500)]
+        assert await http(port, HEALTH_AND_CLOSE) == (200, b'{"status": "ok"}')
+        with trio.fail_after(REQUEST_TIMEOUT_S + 1):
+            for stream in idle:
+                assert await until_the_server_closes(stream) == b""
+        for stream in idle:
+            await stream.aclose()
+        await trio.sleep(0.1)
+        assert open_descriptors() == baseline
+    await with_server(tmp_path, check, max_connections_per_ip=0)
+
+
+@pytest.mark.parametrize("caps, cap_log", [
+    ({"max_connections_per_ip": 3}, "open=3 from='127.0.0.1'"),
+    ({"max_connections": 3, "max_connections_per_ip": 0}, "open=3 from='all addresses'"),
+])
+async def test_past_a_connection_cap_new_connections_are_closed_at_once_until_one_closes(
+        tmp_path, autojump_clock, caplog, caps, cap_log):
+    caplog.set_level(logging.INFO, logger="callgate")
+
+    async def check(port):
+        holders = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(3)]
+        await trio.sleep(0.1)
+        assert [await closed_at_once(port) for _ in range(2)] == [True, True]
+        await holders.pop().aclose()
+        await trio.sleep(0.1)
+        assert await http(port, HEALTH_AND_CLOSE) == (200, b'{"status": "ok"}')
+        for stream in holders:
+            await stream.aclose()
+    await with_server(tmp_path, check, **caps)
+    lines = [record.getMessage() for record in caplog.records if "connections" in record.getMessage()]
+    assert lines == [f"call=- [HTTP] connections refused until some close {cap_log}",
+                     f"call=- [HTTP] connections accepted again refused=2 {cap_log.split(' ', 1)[1]}"]
