@@ -8,7 +8,8 @@ from typing import Any
 from app.json_fields import text
 from app.realtime.protocol import ModelProtocolError
 from app.turn_events import (
-    AudioDelta, AudioDone, CallerTurnCommitted, ModelError, OutputItemAdded, ResponseCreated, ResponseDone, TranscriptDone, TurnEvent,
+    AudioDelta, AudioDone, CallerTranscript, CallerTurnCommitted, ModelError, OutputItemAdded, ResponseCreated,
+    ResponseDone, TranscriptDone, TurnEvent,
 )
 
 
@@ -38,7 +39,9 @@ def _turn_event(event: Any) -> TurnEvent | None:
         case "response.done":
             return ResponseDone(text(event.response.id or ""), text(event.response.status or "completed"))
         case "input_audio_buffer.committed":
-            return CallerTurnCommitted()
+            return CallerTurnCommitted(text(event.item_id))
+        case "conversation.item.input_audio_transcription.completed":
+            return CallerTranscript(text(event.item_id), text(event.transcript))
         case "error":
             error = event.error
             return ModelError(text(error.code or error.type), text(error.message), text(error.event_id or ""))

@@ -40,6 +40,7 @@ class Settings:
     )
     apology_text: str = "Sorry, we cannot take your call right now. Please try again later."
     fallback_dial: str = ""  # a number that takes the call, after the apology, when the bot cannot
+    input_transcription_model: str = "gpt-4o-mini-transcribe"  # the caller's words, for the records; "": none
     server_vad_threshold: float = 0.82
     server_vad_prefix_padding_ms: int = 300
     server_vad_silence_duration_ms: int = 650

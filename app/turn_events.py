@@ -69,7 +69,17 @@ class VoiceOnset:
 
 @dataclass(frozen=True, slots=True)
 class CallerTurnCommitted:
-    """The model's turn detection took what the caller said as a finished turn: a reply is owed."""
+    """The model's turn detection took what the caller said as a finished turn (`item_id`): a reply is owed."""
+
+    item_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class CallerTranscript:
+    """The model's transcription of the caller's turn `item_id`."""
+
+    item_id: str
+    transcript: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +106,7 @@ class CallEnding:
 
 TurnEvent = Union[
     CallStarted, ResponseCreated, OutputItemAdded, AudioDelta, AudioDone, TranscriptDone, ResponseDone, ModelError,
-    MarkPlayed, VoiceOnset, CallerTurnCommitted, DtmfPressed, Tick, CloseCall, CallEnding,
+    MarkPlayed, VoiceOnset, CallerTurnCommitted, CallerTranscript, DtmfPressed, Tick, CloseCall, CallEnding,
 ]
 
 

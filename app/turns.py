@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from app.realtime import protocol
 from app.settings import Settings
 from app.turn_events import (
-    AudioDelta, AudioDone, CallEnding, CallerTurnCommitted, CallStarted, ClearCarrier, CloseCall, DtmfPressed, HangUp, Log, MarkPlayed,
+    AudioDelta, AudioDone, CallEnding, CallerTranscript, CallerTurnCommitted, CallStarted, ClearCarrier, CloseCall, DtmfPressed, HangUp, Log, MarkPlayed,
     ModelError, OutputItemAdded, PlayAudio, RecordEvent, RecordTranscript, ResponseCreated, ResponseDone, SendToModel,
     StopPlayback, Tick, TranscriptDone, TurnAction, TurnEvent, VoiceOnset,
 )
@@ -125,6 +125,7 @@ class Turns:
         self._sound_since_s: float | None = None
         self._closing: Closing | None = None
         self._reply_watch: ReplyWatch | None = None
+        self._caller_turns_committed: dict[str, float] = {}  # caller turn item id -> when, until transcribed
         self._chunk_bytes = settings.playback_chunk_ms * MULAW_BYTES_PER_MS
 
     @property
@@ -172,8 +173,11 @@ class Turns:
                 return self._on_mark_played(name)
             case VoiceOnset(voiced_ms):
                 return self._on_voice_onset(voiced_ms, now)
-            case CallerTurnCommitted():
+            case CallerTurnCommitted(item_id):
+                self._caller_turns_committed[item_id] = now
                 return self._expect_reply(now)
+            case CallerTranscript(item_id, transcript):
+                return self._on_caller_transcript(item_id, transcript, now)
             case DtmfPressed(digit):
                 return self._on_dtmf(digit, now)
             case CloseCall(reason):
@@ -483,6 +487,12 @@ class Turns:
             elif item.played_ms < item.generated_ms:
                 actions.append(SendToModel(protocol.item_truncate(item.item_id, item.played_ms)))
         return actions
+
+    def _on_caller_transcript(self, item_id: str, transcript: str, now: float) -> list[TurnAction]:
+        committed_at_s = self._caller_turns_committed.pop(item_id, now)
+        if not transcript.strip():
+            return []  # a cough or a line noise the model took for a turn: nothing was said
+        return [RecordTranscript("user", transcript, committed_at_s, False, None)]
 
     def _on_dtmf(self, digit: str, now: float) -> list[TurnAction]:
         actions: list[TurnAction] = [

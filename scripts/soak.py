@@ -3,7 +3,9 @@
 The server runs as its own process (`serve --dev`: the local model, a SQLite database in a scratch
 folder). Simulated phones place calls over real sockets in real time, `--concurrent` at once: the
 standard call (greeting, question, barge-in), on every kind of line in turn, and every
-`--fault-every`th call the caller hangs up mid-answer without a `stop`. Every `--sample-s` the
+`--fault-every`th call is a fault, in turn: the caller hangs up mid-answer without a `stop`, or the
+carrier vanishes mid-answer (no frames, no close, nothing read, the socket left open), which the
+server must end by itself as `carrier_silent`. Every `--sample-s` the
 server's RSS and open descriptors are read from /proc, and the call records' backlog is counted:
 calls that have ended at the phone but have no end in the database yet. After the churn the backlog
 must drain and the server must exit 0 on SIGTERM.
@@ -15,6 +17,7 @@ third by more than its allowance (the first third is warm-up: caches, the alloca
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
 import json
 import math
@@ -40,8 +43,10 @@ from app.simulate import StandardCall  # noqa: E402
 RSS_ALLOWANCE_MB = 5.0
 DESCRIPTOR_ALLOWANCE = 4
 DRAIN_LIMIT_S = 30.0
-FAULT_HANG_UP_AFTER_S = 9.0
+FAULT_AFTER_S = 9.0
 """About two seconds into the answer: the greeting and the question take some seven."""
+VANISHED_FOR_S = 12.0
+"""How long a vanished carrier keeps its socket open: longer than the server's 5 s without media."""
 
 
 @dataclass
@@ -49,7 +54,8 @@ class Churn:
     calls_placed: int = 0
     finished_call_sids: set[str] = field(default_factory=set)
     calls_failed: int = 0
-    faults: int = 0
+    hang_ups: int = 0
+    vanished_call_sids: set[str] = field(default_factory=set)
     failures: list[str] = field(default_factory=list)
 
 
@@ -96,6 +102,16 @@ async def wait_until_live(port: int, server: subprocess.Popen) -> None:
             return
 
 
+def vanishing_midway():
+    """The standard call until FAULT_AFTER_S, then the carrier vanishes with its socket open."""
+    async def script(phone: SimulatedPhone, elapsed_s) -> None:
+        with trio.move_on_after(FAULT_AFTER_S):
+            await StandardCall()(phone, elapsed_s)
+        phone.vanish(elapsed_s())
+        await trio.sleep_forever()
+    return script
+
+
 async def place_calls(port: int, numbers: itertools.count, churn: Churn, fault_every: int, stop_at: float) -> None:
     lines = list(PHONE_LINES.values())
     while trio.current_time() < stop_at:
@@ -103,15 +119,26 @@ async def place_calls(port: int, numbers: itertools.count, churn: Churn, fault_e
         call_sid = f"CA{number:032x}"
         churn.calls_placed += 1
         phone = SimulatedPhone(line=lines[number % len(lines)])
-        hang_up_early = fault_every > 0 and number % fault_every == fault_every - 1
+        fault = fault_every > 0 and number % fault_every == fault_every - 1
+        vanish = fault and (number // fault_every) % 2 == 1
+        script = vanishing_midway() if vanish else StandardCall()
         try:
-            with trio.move_on_after(FAULT_HANG_UP_AFTER_S if hang_up_early else math.inf):
-                await run_phone_call("127.0.0.1", port, call_sid, StandardCall(), phone)
-            churn.faults += hang_up_early
+            with trio.move_on_after(FAULT_AFTER_S + VANISHED_FOR_S * vanish if fault else math.inf):
+                await run_phone_call("127.0.0.1", port, call_sid, script, phone)
+            churn.hang_ups += fault and not vanish
+            if vanish:
+                churn.vanished_call_sids.add(call_sid)
             churn.finished_call_sids.add(call_sid)
         except Exception as error:  # a failed call is a finding to report, not a reason to stop the soak
             churn.calls_failed += 1
             churn.failures.append(f"call {number}: {type(error).__name__}: {error}")
+
+
+def end_reasons(database_path: Path, call_sids: set[str]) -> dict[str, int]:
+    """How the database says these calls ended, counted by reason."""
+    with sqlite3.connect(f"file:{database_path}?mode=ro", uri=True, timeout=5) as database:
+        rows = database.execute("SELECT call_sid, end_reason FROM calls WHERE ended_at IS NOT NULL").fetchall()
+    return dict(collections.Counter(reason for call_sid, reason in rows if call_sid in call_sids))
 
 
 async def sample(pid: int, database_path: Path, churn: Churn, started: float, every_s: float,
@@ -186,7 +213,9 @@ async def soak(args: argparse.Namespace, scratch: Path) -> dict:
     return {
         "minutes": args.minutes, "concurrent_calls": args.concurrent,
         "calls_placed": churn.calls_placed, "calls_finished": len(churn.finished_call_sids),
-        "calls_failed": churn.calls_failed, "caller_hang_ups_mid_answer": churn.faults,
+        "calls_failed": churn.calls_failed, "caller_hang_ups_mid_answer": churn.hang_ups,
+        "carriers_vanished_mid_answer": len(churn.vanished_call_sids),
+        "vanished_calls_by_end_reason": end_reasons(database_path, churn.vanished_call_sids),
         "failures": churn.failures[:10],
         "rss_mb": growth(samples, "rss_mb", RSS_ALLOWANCE_MB),
         "open_descriptors": growth(samples, "open_descriptors", DESCRIPTOR_ALLOWANCE),
@@ -202,7 +231,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--concurrent", type=int, default=4, help="calls in progress at once")
-    parser.add_argument("--fault-every", type=int, default=5, help="every Nth call hangs up mid-answer (0: none)")
+    parser.add_argument("--fault-every", type=int, default=5, help="every Nth call is a fault: a hang-up or a vanished carrier, in turn (0: none)")
     parser.add_argument("--sample-s", type=float, default=10.0)
     args = parser.parse_args()
     if args.minutes * 60 / args.sample_s < 3:
@@ -214,7 +243,8 @@ def main() -> int:
     print(json.dumps(report, indent=2))
     healthy = (not report["rss_mb"]["grows"] and not report["open_descriptors"]["grows"]
                and report["record_backlog"]["after_drain"] == 0 and report["calls_failed"] == 0
-               and report["server_exit_code_after_sigterm"] == 0)
+               and report["server_exit_code_after_sigterm"] == 0
+               and report["vanished_calls_by_end_reason"] in ({}, {"carrier_silent": report["carriers_vanished_mid_answer"]}))
     return 0 if healthy else 1
 
 

@@ -35,7 +35,7 @@ from app.settings import Settings
 from dsp.g711 import ulaw_encode
 from storage.db import open_database
 from storage.migrate import apply_migrations
-from storage.models import Call
+from storage.models import Call, TranscriptTurn
 from tests.realtime_schemas import SDK_CLIENT_EVENTS
 from tests.storage_fixtures import postgres_database_url  # noqa: F401 (fixture)
 from tests.test_http_routes import http, post
@@ -655,3 +655,21 @@ def test_only_a_busy_or_failing_model_or_a_socket_that_did_not_open_is_tried_aga
     assert worth_retrying(rejected(429)) and worth_retrying(rejected(500)) and worth_retrying(rejected(503))
     assert not worth_retrying(rejected(401)) and not worth_retrying(rejected(404))
     assert not worth_retrying(ConnectionTimeout())
+
+
+async def test_the_callers_transcribed_words_are_stored_as_their_turn(tmp_path, autojump_clock):
+    model = ScriptedRealtimeServer(say_after_session_update=[
+        {"type": "input_audio_buffer.committed", "event_id": "event_1", "item_id": "item_c1",
+         "previous_item_id": None},
+        {"type": "conversation.item.input_audio_transcription.completed", "event_id": "event_2",
+         "item_id": "item_c1", "content_index": 0, "transcript": "When do you open on Sunday?",
+         "usage": {"type": "duration", "seconds": 1.4}},
+    ])
+    await call_with(model, tmp_path, talk_for(1.0))
+    session = next(event["session"] for event in model.received if event["type"] == "session.update")
+    assert session["audio"]["input"]["transcription"] == {"model": "gpt-4o-mini-transcribe"}
+    database = open_database(f"sqlite:///{tmp_path / 'calls.db'}")
+    with database.bind_ctx([TranscriptTurn]):
+        assert [(turn.role, turn.text, turn.truncated) for turn in TranscriptTurn.select()] == [
+            ("user", "When do you open on Sunday?", False)]
+    database.close()

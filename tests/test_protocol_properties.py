@@ -12,7 +12,10 @@ from hypothesis import strategies as st
 from app.carriers import twilio
 from app.model_events import to_turn_event
 from app.realtime import protocol
-from app.turn_events import AudioDelta, ModelError, OutputItemAdded, ResponseCreated, ResponseDone, TranscriptDone
+from app.turn_events import (
+    AudioDelta, CallerTranscript, CallerTurnCommitted, ModelError, OutputItemAdded, ResponseCreated, ResponseDone,
+    TranscriptDone,
+)
 
 BASE64_TEXT = st.binary(max_size=12).map(lambda raw: base64.b64encode(raw).decode())
 JSON_SCALARS = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12) | BASE64_TEXT
@@ -72,6 +75,7 @@ MODEL_TEXT_FIELDS = {
     ResponseCreated: ["response_id"], OutputItemAdded: ["response_id", "item_id"],
     AudioDelta: ["response_id", "item_id"], TranscriptDone: ["response_id", "item_id", "transcript"],
     ResponseDone: ["response_id", "status"], ModelError: ["code", "message", "event_id"],
+    CallerTurnCommitted: ["item_id"], CallerTranscript: ["item_id", "transcript"],
 }
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from app.realtime import protocol
 from app.settings import Settings
 from tests.realtime_schemas import SDK_CLIENT_EVENTS
 from app.turn_events import (
-    AudioDelta, AudioDone, CallEnding, CallStarted, ClearCarrier, CloseCall, DtmfPressed, Log, MarkPlayed, ModelError,
+    AudioDelta, AudioDone, CallEnding, CallerTranscript, CallerTurnCommitted, CallStarted, ClearCarrier, CloseCall, DtmfPressed, Log, MarkPlayed, ModelError,
     OutputItemAdded, PlayAudio, RecordEvent, RecordTranscript, ResponseCreated, ResponseDone, SendToModel, StopPlayback, Tick,
     TranscriptDone, VoiceOnset,
 )
@@ -370,3 +371,23 @@ def test_a_key_press_gets_an_answer_unless_one_is_on_its_way(answering, creates)
     turns = answering_call()[0] if answering else greeted_call()
     actions = turns.handle(DtmfPressed("3"), 6.0)
     assert bool(model_events(actions, "response.create")) is creates
+
+
+def test_the_callers_transcribed_turn_is_recorded_from_when_it_was_committed():
+    turns = greeted_call()
+    assert turns.handle(CallerTurnCommitted("item_c1"), 4.0) == []
+    turns.handle(CallerTurnCommitted("item_c2"), 6.0)
+    assert turns.handle(CallerTranscript("item_c2", "and on Sundays?"), 6.9) == [
+        RecordTranscript("user", "and on Sundays?", 6.0, False, None)]
+    assert turns.handle(CallerTranscript("item_c1", "  "), 7.0) == []  # nothing said: nothing recorded
+    # A transcript whose commit we never saw is dated when it came.
+    assert turns.handle(CallerTranscript("item_c9", "hello?"), 8.0) == [
+        RecordTranscript("user", "hello?", 8.0, False, None)]
+
+
+def test_the_session_asks_for_the_callers_words_only_when_a_transcription_model_is_set():
+    def transcription(settings):
+        return protocol.session_update(settings)["session"]["audio"]["input"].get("transcription")
+    assert transcription(Settings()) == {"model": "gpt-4o-mini-transcribe"}
+    assert transcription(Settings(input_transcription_model="")) is None
+    SDK_CLIENT_EVENTS.validate_python(protocol.session_update(Settings()))

@@ -145,7 +145,7 @@ class Call(RuleBasedStateMachine):
     @precondition(lambda self: not self.hung_up)
     @rule()
     def model_takes_the_callers_turn_as_finished(self):
-        self.handle(CallerTurnCommitted())
+        self.handle(CallerTurnCommitted("item_caller"))
 
     @precondition(lambda self: not self.hung_up)
     @rule(digit=st.sampled_from("0123456789*#"))

@@ -25,7 +25,7 @@ def ended(actions) -> bool:
 
 def test_a_caller_turn_the_model_never_answers_is_asked_once_more_then_the_call_ends():
     turns = greeted_call()
-    assert turns.handle(CallerTurnCommitted(), 10.0) == []
+    assert turns.handle(CallerTurnCommitted("item_caller"), 10.0) == []
     assert turns.handle(Tick(), 10.0 + TIMEOUT_S - 0.02) == []
     asked = turns.handle(Tick(), 10.0 + TIMEOUT_S)
     assert asked == [Log("MODEL", "no sign of a reply from the model; asking again",
@@ -41,7 +41,7 @@ def test_a_caller_turn_the_model_never_answers_is_asked_once_more_then_the_call_
 
 def test_a_reply_that_comes_disarms_the_watchdog():
     turns = greeted_call()
-    turns.handle(CallerTurnCommitted(), 10.0)
+    turns.handle(CallerTurnCommitted("item_caller"), 10.0)
     turns.handle(ResponseCreated("resp_2"), 10.5)
     answer_marks = marks(turns.handle(AudioDelta("resp_2", "item_2", ONE_SECOND_OF_AUDIO), 10.6))
     assert turns.handle(ResponseDone("resp_2", "completed"), 10.7) == []
@@ -51,7 +51,7 @@ def test_a_reply_that_comes_disarms_the_watchdog():
 
 def test_a_reply_that_keeps_coming_slowly_is_never_taken_for_silence():
     turns = greeted_call()
-    turns.handle(CallerTurnCommitted(), 10.0)
+    turns.handle(CallerTurnCommitted("item_caller"), 10.0)
     turns.handle(ResponseCreated("resp_2"), 10.0 + TIMEOUT_S - 0.1)
     for step in range(1, 4):
         now = 10.0 + step * (TIMEOUT_S - 0.1)
@@ -61,7 +61,7 @@ def test_a_reply_that_keeps_coming_slowly_is_never_taken_for_silence():
 
 def test_a_response_that_stalls_mid_answer_is_stopped_once_and_asked_for_again():
     turns, answer_marks = answering_call()
-    turns.handle(CallerTurnCommitted(), 5.05)
+    turns.handle(CallerTurnCommitted("item_caller"), 5.05)
     play_all(turns, answer_marks[:10], 6.1)  # the caller heard one second, then the model went quiet
     asked = turns.handle(Tick(), 5.1 + TIMEOUT_S)
     assert asked == [
@@ -79,7 +79,7 @@ def test_a_response_that_stalls_mid_answer_is_stopped_once_and_asked_for_again()
 def test_a_cancelled_or_failed_response_is_no_reply():
     for status in ("cancelled", "failed"):
         turns = greeted_call()
-        turns.handle(CallerTurnCommitted(), 10.0)
+        turns.handle(CallerTurnCommitted("item_caller"), 10.0)
         turns.handle(ResponseCreated("resp_2"), 10.1)
         if status == "cancelled":
             turns.handle(AudioDelta("resp_2", "item_2", ONE_SECOND_OF_AUDIO), 10.2)
@@ -90,7 +90,7 @@ def test_a_cancelled_or_failed_response_is_no_reply():
 
 def test_an_error_from_the_model_is_no_sign_of_a_reply():
     turns = greeted_call()
-    turns.handle(CallerTurnCommitted(), 10.0)
+    turns.handle(CallerTurnCommitted("item_caller"), 10.0)
     turns.handle(ModelError("server_error", "try again", ""), 10.0 + TIMEOUT_S - 0.1)
     assert ASK_AGAIN in turns.handle(Tick(), 10.0 + TIMEOUT_S)
 
@@ -104,16 +104,16 @@ def test_a_key_press_is_owed_an_answer_too():
 def test_the_greeting_and_the_closing_line_keep_deadlines_of_their_own():
     turns = Turns(Settings())
     turns.handle(CallStarted(), 0.0)
-    turns.handle(CallerTurnCommitted(), 0.5)
+    turns.handle(CallerTurnCommitted("item_caller"), 0.5)
     assert model_events(turns.handle(Tick(), 0.5 + TIMEOUT_S), "response.create") == []
     turns = greeted_call()
-    turns.handle(CallerTurnCommitted(), 10.0)
+    turns.handle(CallerTurnCommitted("item_caller"), 10.0)
     turns.handle(CloseCall("max_duration"), 10.5)
-    turns.handle(CallerTurnCommitted(), 11.0)
+    turns.handle(CallerTurnCommitted("item_caller"), 11.0)
     assert turns.handle(Tick(), 11.0 + 3 * TIMEOUT_S) == []
 
 
 def test_the_deadline_is_a_setting():
     turns = greeted_call(Settings(model_reply_timeout_s=2.0))
-    turns.handle(CallerTurnCommitted(), 10.0)
+    turns.handle(CallerTurnCommitted("item_caller"), 10.0)
     assert turns.handle(Tick(), 11.98) == [] and ASK_AGAIN in turns.handle(Tick(), 12.0)

@@ -89,6 +89,7 @@ class SimulatedPhone:
         self._noise_rms = noise_rms
         self._random = np.random.default_rng(seed)
         self.timeline = PhoneTimeline()
+        self.vanished = False
 
     @property
     def bot_playing(self) -> bool:
@@ -108,6 +109,11 @@ class SimulatedPhone:
         """The caller starts speaking `pcm` from the next frame on."""
         self._speech = np.concatenate((self._speech, pcm.astype(np.int16)))
         self._awaiting_speech_onset = True
+
+    def vanish(self, now_s: float) -> None:
+        """The carrier goes away without a word: no more frames, no close, nothing read; the socket stays open."""
+        self.vanished = True
+        self.timeline.note(now_s, "carrier vanished")
 
     def on_server_message(self, text: str, now_s: float, stream_sid: str) -> list[str]:
         """Take one frame from the server; returns marks to send back right away (flushed by clear).
@@ -255,7 +261,10 @@ async def _listen(socket: WebSocketConnection, phone: SimulatedPhone, stream_sid
     """Hear the server until it hangs up, which ends the whole call, script included."""
     try:
         while True:
-            for name in phone.on_server_message(await socket.get_message(), elapsed_s(), stream_sid):
+            message = await socket.get_message()
+            if phone.vanished:
+                await trio.sleep_forever()
+            for name in phone.on_server_message(message, elapsed_s(), stream_sid):
                 await socket.send_message(_mark_message(stream_sid, name, sequence))
     except ConnectionClosed:
         phone.timeline.note(elapsed_s(), "server hung up")
@@ -268,6 +277,8 @@ async def _send_frames(socket: WebSocketConnection, phone: SimulatedPhone, strea
     while not socket.closed:
         chunk += 1
         await trio.sleep_until(started_at + chunk * FRAME_S)
+        if phone.vanished:
+            await trio.sleep_forever()
         payload, marks_played = phone.tick()
         await socket.send_message(json.dumps({
             "event": "media", "sequenceNumber": str(sequence.next()), "streamSid": stream_sid,

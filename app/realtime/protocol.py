@@ -95,8 +95,9 @@ def encode(event: dict) -> str:
 
 
 def session_update(settings: Settings) -> dict:
-    """Mu-law both ways so the hot path never resamples; server VAD answers turns but never interrupts."""
-    return {
+    """Mu-law both ways so the hot path never resamples; server VAD answers turns but never interrupts;
+    the caller's turns transcribed, for the records."""
+    update = {
         "type": "session.update",
         "session": {
             "type": "realtime",
@@ -118,6 +119,9 @@ def session_update(settings: Settings) -> dict:
             },
         },
     }
+    if settings.input_transcription_model:
+        update["session"]["audio"]["input"]["transcription"] = {"model": settings.input_transcription_model}
+    return update
 
 
 def input_audio_append(payload: bytes) -> dict:
