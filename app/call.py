@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import logging
 import math
-from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+import random
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import AsyncIterator, Callable, Protocol
@@ -25,8 +26,8 @@ from app.playback import CarrierNotReading, CarrierOutbox, Playback, PlayoutRefe
 from app.realtime import protocol
 from app.settings import Settings
 from app.turn_events import (
-    CallEnding, CallStarted, ClearCarrier, CloseCall, DtmfPressed, HangUp, Log, MarkPlayed, PlayAudio, RecordEvent,
-    RecordTranscript, SendToModel, StopPlayback, Tick, TurnAction, TurnEvent, VoiceOnset,
+    CallEnding, CallStarted, ClearCarrier, CloseCall, DtmfPressed, HangUp, Log, MarkPlayed, ModelReconnected, PlayAudio,
+    RecordEvent, RecordTranscript, SendToModel, StopPlayback, Tick, TurnAction, TurnEvent, VoiceOnset,
 )
 from app.turns import InboundDisposition, Turns
 from dsp.g711 import ULAW_SILENCE
@@ -42,6 +43,8 @@ MODEL_CONNECT_RETRY_S = 0.25  # then 0.5 s: the caller hears silence while we tr
 MODEL_DISCONNECT_TIMEOUT_S = 1  # the model socket must be closed within 1 s of hang-up
 MODEL_PING_INTERVAL_S = 5  # a model link gone half-open sends nothing, not even a close: ask it
 MODEL_PONG_TIMEOUT_S = 5
+MODEL_RECONNECTS = 2  # per call: a link that keeps dropping is a model that is down
+MODEL_RECONNECT_TIMEOUT_S = 1  # per try, while the caller hears a pause: three tries and their pauses stay under 4 s
 MODEL_OUTBOX_EVENTS = 1000  # 20 s of inbound audio: beyond that the model link is dead, not slow
 INBOUND_QUEUE_FRAMES = 50
 CARRIER_SILENCE_TIMEOUT_S = 5  # Twilio sends a frame every 20 ms, silence included: 5 s of nothing is a dead line
@@ -79,7 +82,8 @@ def worth_retrying(error: Exception) -> bool:
 
 @asynccontextmanager
 async def open_model_socket(
-    endpoint: ModelEndpoint, on_retry: Callable[[int, Exception], None]
+    endpoint: ModelEndpoint, on_retry: Callable[[int, Exception], None], *,
+    connect_timeout_s: float = MODEL_CONNECT_TIMEOUT_S,
 ) -> AsyncIterator[WebSocketConnection]:
     """The model socket, tried up to MODEL_CONNECT_ATTEMPTS times, with a doubling pause between tries."""
     headers = [(b"Authorization", f"Bearer {endpoint.api_key}".encode())]
@@ -90,17 +94,26 @@ async def open_model_socket(
                     endpoint.connect_url,
                     extra_headers=headers,
                     max_message_size=MODEL_MAX_MESSAGE_BYTES,
-                    connect_timeout=MODEL_CONNECT_TIMEOUT_S,
+                    connect_timeout=connect_timeout_s,
                     disconnect_timeout=MODEL_DISCONNECT_TIMEOUT_S,
                 ))
             except (HandshakeError, OSError) as error:
                 if attempt == MODEL_CONNECT_ATTEMPTS or not worth_retrying(error):
                     raise
                 on_retry(attempt, error)
-                await trio.sleep(MODEL_CONNECT_RETRY_S * 2 ** (attempt - 1))
+                await trio.sleep(retry_pause_s(attempt))
                 continue
             yield socket
             return
+
+
+def retry_pause_s(attempt: int, draw: Callable[[], float] = random.random) -> float:
+    """The pause after the `attempt`th failed connect: doubling, and spread by +-50% so that calls which
+    lost the model together do not come back to it in step."""
+    return MODEL_CONNECT_RETRY_S * 2 ** (attempt - 1) * (0.5 + draw())
+
+
+ModelOpener = Callable[[], AbstractAsyncContextManager[WebSocketConnection]]
 
 
 class ModelLinkLost(Exception):
@@ -147,6 +160,7 @@ class CallSession:
         self._playback_send = playback_send
         self._playback = Playback(playback_receive, self._outbox, settings.playback_lead_ms)
         self.end_reason = ""
+        self._model_link_up = True
         self._nursery: trio.Nursery | None = None
         # Record times come from trio's monotonic clock, anchored once: a wall-clock step mid-call moves no record.
         self._clock_anchor = (trio.current_time(), datetime.now(timezone.utc))
@@ -154,8 +168,13 @@ class CallSession:
     def log(self, tag: str, message: str, *, level: int = logging.INFO, **fields: object) -> None:
         log_event(logger, self.call_sid, tag, message, level=level, **fields)
 
-    async def run(self, carrier: WebSocketConnection, model: WebSocketConnection) -> str:
-        """Run the call's tasks in one nursery; returns why the call ended. Cancelling it hangs up cleanly."""
+    async def run(self, carrier: WebSocketConnection, model: WebSocketConnection,
+                  reopen_model: ModelOpener | None = None) -> str:
+        """Run the call's tasks in one nursery; returns why the call ended. Cancelling it hangs up cleanly.
+
+        A model link lost mid-call is reopened through `reopen_model` (up to MODEL_RECONNECTS times),
+        and the new session is told the call so far; without it, or when that fails, the call ends.
+        """
         self._record_start()
         try:
             async with trio.open_nursery() as nursery:
@@ -163,9 +182,7 @@ class CallSession:
                 nursery.start_soon(self._carrier_reader, carrier)
                 nursery.start_soon(self._carrier_writer, carrier)
                 nursery.start_soon(self._inbound_audio)
-                nursery.start_soon(self._model_reader, model)
-                nursery.start_soon(self._model_writer, model)
-                nursery.start_soon(self._model_keepalive, model)
+                nursery.start_soon(self._model_link, model, reopen_model)
                 nursery.start_soon(self._playback.run)
                 nursery.start_soon(self._close_at_max_duration)
                 self.feed(CallStarted())
@@ -257,6 +274,8 @@ class CallSession:
         return anchor_wall + timedelta(seconds=at_s - anchor_s)
 
     def _send_to_model(self, event: dict) -> None:
+        if not self._model_link_up:
+            return  # the new session is told the call so far instead
         try:
             self._model_out_send.send_nowait(event)
         except trio.WouldBlock:
@@ -359,6 +378,37 @@ class CallSession:
             self.feed(turn_event)
         elif event.type == "input_audio_buffer.speech_started":
             self.log("MODEL", "model heard the caller start speaking", audio_start_ms=event.audio_start_ms)
+
+    async def _model_link(self, model: WebSocketConnection, reopen_model: ModelOpener | None,
+                          reconnect: int = 1) -> None:
+        """The model socket's reader, writer and keepalive; a lost link is reopened while reconnects are left."""
+        try:
+            async with trio.open_nursery() as link:
+                link.start_soon(self._model_reader, model)
+                link.start_soon(self._model_writer, model)
+                link.start_soon(self._model_keepalive, model)
+        except* ModelLinkLost as group:
+            lost = group.exceptions[0]
+        if reopen_model is None or reconnect > MODEL_RECONNECTS:
+            raise lost
+        self._model_link_up = False
+        self.log("MODEL", "model link lost, reopening it", level=logging.WARNING, why=str(lost), reconnect=reconnect)
+        try:
+            async with reopen_model() as reopened:
+                self._forget_queued_model_events()
+                self._model_link_up = True
+                self.feed(ModelReconnected())
+                await self._model_link(reopened, reopen_model, reconnect + 1)
+        except (OSError, HandshakeError) as error:
+            raise ModelLinkLost(f"{lost}; reopening it failed: {error!r}") from None
+
+    def _forget_queued_model_events(self) -> None:
+        """What was queued for the lost session: the new one is told the call so far instead."""
+        while True:
+            try:
+                self._model_out.receive_nowait()
+            except trio.WouldBlock:
+                return
 
     async def _model_writer(self, model: WebSocketConnection) -> None:
         with model_link_lost_on_close():

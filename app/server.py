@@ -14,7 +14,7 @@ import peewee
 import trio
 from trio_websocket import ConnectionClosed, DisconnectionTimeout, HandshakeError, WebSocketConnection, WebSocketRequest
 
-from app.call import CLOSING_LINE_TIMEOUT_S, CallSession, ModelEndpoint, Recorder, open_model_socket
+from app.call import CLOSING_LINE_TIMEOUT_S, MODEL_RECONNECT_TIMEOUT_S, CallSession, ModelEndpoint, Recorder, open_model_socket
 from app.carriers import twilio
 from app.http import CLOSE_TIMEOUT_S, ConnectionLimits, HttpRequest, HttpResponse, Router
 from app.logs import log_event
@@ -248,7 +248,8 @@ class CallgateServer:
                         attempt=attempt, why=repr(error))
         try:
             async with open_model_socket(self.endpoint, retrying) as model:
-                reason = await session.run(carrier, model)
+                reopen = partial(open_model_socket, self.endpoint, retrying, connect_timeout_s=MODEL_RECONNECT_TIMEOUT_S)
+                reason = await session.run(carrier, model, reopen)
             session.log("CALL", "call ended", reason=reason)
         except* DisconnectionTimeout:
             session.log("CALL", "call ended; the model did not answer our close in time", level=logging.WARNING,

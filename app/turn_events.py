@@ -100,13 +100,19 @@ class CloseCall:
 
 
 @dataclass(frozen=True, slots=True)
+class ModelReconnected:
+    """The model link was lost and a new session opened: it knows nothing of the call yet."""
+
+
+@dataclass(frozen=True, slots=True)
 class CallEnding:
     reason: str
 
 
 TurnEvent = Union[
     CallStarted, ResponseCreated, OutputItemAdded, AudioDelta, AudioDone, TranscriptDone, ResponseDone, ModelError,
-    MarkPlayed, VoiceOnset, CallerTurnCommitted, CallerTranscript, DtmfPressed, Tick, CloseCall, CallEnding,
+    MarkPlayed, VoiceOnset, CallerTurnCommitted, CallerTranscript, DtmfPressed, Tick, CloseCall, ModelReconnected,
+    CallEnding,
 ]
 
 

@@ -14,7 +14,7 @@ from app.settings import Settings
 from app.turn_events import (
     AudioDelta, AudioDone, CallEnding, CallerTranscript, CallerTurnCommitted, CallStarted, ClearCarrier, CloseCall, DtmfPressed, HangUp, Log, MarkPlayed,
     ModelError, OutputItemAdded, PlayAudio, RecordEvent, RecordTranscript, ResponseCreated, ResponseDone, SendToModel,
-    StopPlayback, Tick, TranscriptDone, TurnAction, TurnEvent, VoiceOnset,
+    ModelReconnected, StopPlayback, Tick, TranscriptDone, TurnAction, TurnEvent, VoiceOnset,
 )
 
 MULAW_BYTES_PER_MS = 8
@@ -23,6 +23,18 @@ FIRST_RESPONSE_EVENT_PREFIX = "callgate_first_response_"
 CLOSING_LINE_EVENT_ID = "callgate_closing_line"
 # What shows the model is at work on a reply (an error does not).
 MODEL_PROGRESS_EVENTS = (ResponseCreated, OutputItemAdded, AudioDelta, AudioDone, TranscriptDone, ResponseDone)
+
+
+def heard_text(transcript: str, played_ms: int, generated_ms: int) -> str:
+    """The words of `transcript` the caller heard, taking its words as evenly spread over its audio."""
+    if generated_ms <= 0 or played_ms >= generated_ms:
+        return transcript
+    words = transcript.split()
+    return " ".join(words[:round(len(words) * played_ms / generated_ms)])
+
+
+def _history_item(role: str, text: str) -> dict:
+    return protocol.user_text_item(text) if role == "user" else protocol.assistant_text_item(text)
 
 
 class InboundDisposition(enum.Enum):
@@ -126,6 +138,8 @@ class Turns:
         self._closing: Closing | None = None
         self._reply_watch: ReplyWatch | None = None
         self._caller_turns_committed: dict[str, float] = {}  # caller turn item id -> when, until transcribed
+        # The conversation as the caller heard it, (role, text): what a new model session is told after a lost link.
+        self._heard: list[tuple[str, str]] = []
         self._chunk_bytes = settings.playback_chunk_ms * MULAW_BYTES_PER_MS
 
     @property
@@ -182,6 +196,8 @@ class Turns:
                 return self._on_dtmf(digit, now)
             case CloseCall(reason):
                 return self._on_close_call(reason)
+            case ModelReconnected():
+                return self._on_model_reconnected(now)
             case CallEnding(reason):
                 return self._on_call_ending(reason)
             case Tick():
@@ -350,6 +366,7 @@ class Turns:
     def _record_item(self, item: ItemAudio) -> RecordTranscript:
         item.settled = True
         truncated = item.played_ms < item.generated_ms
+        self._heard.append(("assistant", heard_text(item.transcript, item.played_ms, item.generated_ms)))
         return RecordTranscript("assistant", item.transcript, item.started_at_s, truncated, item.played_ms)
 
     def _forget_finished_responses(self) -> None:
@@ -437,6 +454,35 @@ class Turns:
         actions.extend(silencing)
         return actions + [SendToModel(protocol.response_create())]
 
+    # A lost model link, reopened: the new session hears the call so far, as the caller heard it.
+    def _on_model_reconnected(self, now: float) -> list[TurnAction]:
+        answering = any(response.active for response in self._responses.values())
+        actions: list[TurnAction] = []
+        for response in self._responses.values():
+            response.active = False  # the lost session ends none of them
+            for item in response.items.values():
+                if not item.settled and item.played_ms > 0 and item.transcript:
+                    actions.append(self._record_item(item))
+                item.settled = True  # the new session never had it: nothing to truncate or delete
+        # What the lost session generated and the caller has not heard yet is not in the history: it stops here.
+        actions.extend(self._silence_audible()[1])
+        actions += [
+            Log("MODEL", "model session reopened; the call so far restored", {"turns": len(self._heard)}, "warning"),
+            RecordEvent("model_reconnected", {"turns_restored": len(self._heard)}),
+            SendToModel(protocol.session_update(self.settings)),
+        ]
+        actions.extend(SendToModel(_history_item(role, text)) for role, text in self._heard)
+        if self._closing is not None:
+            line = self._responses.get(self._closing.response_id)
+            if self._closing.phase is not ClosingPhase.OVER and (line is None or not line.audible):
+                self._closing.phase = ClosingPhase.QUIETING  # asked again of the new session
+        elif self.first_utterance_protected:
+            actions.extend(self._request_first_response(now))  # the greeting, cut short, is asked of the new session
+        elif answering or self._reply_watch is not None:
+            actions.append(SendToModel(protocol.response_create()))
+            actions.extend(self._expect_reply(now))
+        return actions
+
     # Closing: the bot's last words, said to the end, then the hang-up.
     def _on_close_call(self, reason: str) -> list[TurnAction]:
         if self._closing is not None:
@@ -481,6 +527,8 @@ class Turns:
         """The model forgets what the caller did not hear: truncated where partly heard, deleted where not at all."""
         actions: list[TurnAction] = []
         for item in response.items.values():
+            if item.settled:
+                continue  # recorded already, or never the current session's
             if item.played_ms == 0:
                 actions.append(SendToModel(protocol.item_delete(item.item_id)))
                 item.settled = True
@@ -492,13 +540,16 @@ class Turns:
         committed_at_s = self._caller_turns_committed.pop(item_id, now)
         if not transcript.strip():
             return []  # a cough or a line noise the model took for a turn: nothing was said
+        self._heard.append(("user", transcript))
         return [RecordTranscript("user", transcript, committed_at_s, False, None)]
 
     def _on_dtmf(self, digit: str, now: float) -> list[TurnAction]:
+        said = f"The caller pressed the phone key {digit}."
+        self._heard.append(("user", said))
         actions: list[TurnAction] = [
             Log("DTMF", "caller pressed a key", {"digit": digit}),
             RecordEvent("dtmf", {"digit": digit}),
-            SendToModel(protocol.user_text_item(f"The caller pressed the phone key {digit}.")),
+            SendToModel(protocol.user_text_item(said)),
         ]
         if self._closing is None and not any(response.active for response in self._responses.values()):
             actions.append(SendToModel(protocol.response_create()))  # a key press deserves an answer

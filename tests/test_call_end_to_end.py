@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import logging
 
 import numpy as np
 import pytest
 import trio
+from trio_websocket import ConnectionClosed, open_websocket_url, serve_websocket
 
 from app.carriers.simulated_twilio import FRAME_S, PHONE_LINES, SimulatedPhone, run_phone_call
+from app.realtime.local import LocalRealtimeModel
 from app.server import serve
 from app.settings import Settings
 from app.simulate import StandardCall, measure, simulate_call, wait_for_quiet, wait_until
@@ -228,3 +232,72 @@ async def test_a_call_at_its_maximum_duration_hears_a_closing_line_to_the_end_th
     assert [turn.truncated for turn in turns] == [False, False]
     assert 12.0 + 14.2 < hung_up_at < 12.0 + 20.0
     assert (turns[1].started_at - call.started_at).total_seconds() == pytest.approx(12.0, abs=0.5)
+
+
+class DroppingRelay:
+    """A Realtime endpoint relaying to the built-in local model; its first link drops `after_s` into the call."""
+
+    def __init__(self, upstream_url: str, after_s: float) -> None:
+        self.upstream_url = upstream_url
+        self.after_s = after_s
+        self.sent_by_link: list[list[dict]] = []  # what callgate sent on each link
+
+    async def handle(self, request) -> None:
+        sent: list[dict] = []
+        self.sent_by_link.append(sent)
+        first_link = len(self.sent_by_link) == 1
+        client = await request.accept()
+        query = request.path.partition("?")[2]
+        async with open_websocket_url(f"{self.upstream_url}?{query}") as upstream, trio.open_nursery() as nursery:
+            async def from_callgate() -> None:
+                with contextlib.suppress(ConnectionClosed):
+                    while True:
+                        message = await client.get_message()
+                        sent.append(json.loads(message))
+                        await upstream.send_message(message)
+                nursery.cancel_scope.cancel()
+
+            async def to_callgate() -> None:
+                with contextlib.suppress(ConnectionClosed):
+                    while True:
+                        await client.send_message(await upstream.get_message())
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(from_callgate)
+            nursery.start_soon(to_callgate)
+            if first_link:
+                await trio.sleep(self.after_s)
+                await client.aclose(1011, "relay dropped")
+                nursery.cancel_scope.cancel()
+
+
+async def test_a_model_link_dropped_mid_call_is_reopened_with_what_the_caller_heard(settings, autojump_clock, caplog):
+    caplog.set_level(logging.INFO, logger="callgate")
+    async with trio.open_nursery() as nursery:
+        local_url = await nursery.start(LocalRealtimeModel().serve)
+        relay = DroppingRelay(local_url, after_s=6.0)  # the greeting heard, the caller asking
+        relay_server = await nursery.start(serve_websocket, relay.handle, "127.0.0.1", 0, None)
+        report = await simulate_call(dataclasses.replace(
+            settings, openai_api_key="sk-test", realtime_url=f"ws://127.0.0.1:{relay_server.port}/v1/realtime"))
+        nursery.cancel_scope.cancel()
+    assert len(relay.sent_by_link) == 2
+    greeting = report_transcripts(settings)[0]
+    restored = [event for event in relay.sent_by_link[1] if event["type"] != "input_audio_buffer.append"]
+    assert [event["type"] for event in restored[:3]] == ["session.update", "conversation.item.create", "response.create"]
+    # The greeting was cut by the drop: the new session hears the words the caller heard, and is asked to go on.
+    heard = restored[1]["item"]
+    assert (heard["role"], heard["content"][0]["type"]) == ("assistant", "output_text")
+    assert greeting.truncated and 0 < len(heard["content"][0]["text"]) < len(greeting.text)
+    assert greeting.text.startswith(heard["content"][0]["text"])
+    assert restored[2]["event_id"] == "callgate_first_response_2"
+    # The new session answers and the caller's barge-in still stops it at once.
+    assert report.talk_over_ms is not None and report.talk_over_ms <= 240
+    assert "[MODEL] model session reopened; the call so far restored turns=1" in caplog.text
+
+
+def report_transcripts(settings) -> list:
+    database = open_database(settings.database_url)
+    with database.bind_ctx([TranscriptTurn]):
+        turns = list(TranscriptTurn.select().order_by(TranscriptTurn.id))
+    database.close()
+    return turns

@@ -22,8 +22,8 @@ from trio_websocket import (
 
 from app.call import (
     CARRIER_SILENCE_TIMEOUT_S, CLOSING_LINE_TIMEOUT_S, INBOUND_QUEUE_FRAMES, MODEL_OUTBOX_EVENTS, MODEL_PING_INTERVAL_S,
-    MODEL_PONG_TIMEOUT_S, CallSession, ModelLinkLost,
-    worth_retrying,
+    MODEL_PONG_TIMEOUT_S, MODEL_RECONNECTS, CallSession, ModelLinkLost,
+    retry_pause_s, worth_retrying,
 )
 from app.carriers import twilio
 from app.playback import CARRIER_OUTBOX_LIMIT_MS
@@ -51,6 +51,7 @@ class ScriptedRealtimeServer:
     fail_first_connections: int = 0
     reject_first_connections: int = 0
     reject_status: int = 503
+    reject_after_first: bool = False
     commit_caller_turn_after_s: float | None = None
     stall_after_session_update: bool = False  # reads nothing more: once the caller's audio fills its one-message
     # queue, trio-websocket's reader blocks, and pings go unanswered
@@ -62,7 +63,7 @@ class ScriptedRealtimeServer:
         headers = {name.decode().lower(): value.decode() for name, value in request.headers}
         self.requests.append((request.path, headers))
         fail_this_one = len(self.requests) <= self.fail_first_connections
-        if len(self.requests) <= self.reject_first_connections:
+        if len(self.requests) <= self.reject_first_connections or (self.reject_after_first and len(self.requests) > 1):
             await request.reject(self.reject_status)
             return
         socket = await request.accept()
@@ -200,17 +201,45 @@ def call_log(caplog) -> list[tuple[str, str]]:
     return [(record.levelname, record.getMessage()) for record in caplog.records if record.name == "callgate.call"]
 
 
-async def test_a_lost_model_link_ends_only_its_own_call(tmp_path, autojump_clock, caplog):
+async def test_a_lost_model_link_is_reopened_and_only_its_own_call_notices(tmp_path, autojump_clock, caplog):
     caplog.set_level(logging.INFO, logger="callgate")
     failing_once = ScriptedRealtimeServer(fail_first_connections=1)
     phones = await call_with(failing_once, tmp_path, talk_for(1.0), calls=2)
     lost = [line for line in call_log(caplog) if "model link lost" in line[1]]
     assert [(level, line.split(" ", 1)[1]) for level, line in lost] == [
-        ("ERROR", "[CALL] model link lost, ending call why='model socket closed code=1011 scripted failure'")]
-    assert caplog.text.count("call ended reason=model_link_lost") == 1
-    assert caplog.text.count("call ended reason=carrier_stop") == 1
-    assert sum(any(what == "server hung up" for _, what in phone.timeline.events) for phone in phones) == 1
+        ("WARNING", "[MODEL] model link lost, reopening it why='model socket closed code=1011 scripted failure' "
+                    "reconnect=1")]
+    assert len(failing_once.requests) == 3 and caplog.text.count("call ended reason=carrier_stop") == 2
+    assert not any(what == "server hung up" for phone in phones for _, what in phone.timeline.events)
+    # The greeting had not come: the new session is set up and asked for it again.
+    kinds = [event["type"] for event in failing_once.received if event["type"] != "input_audio_buffer.append"]
+    assert kinds.count("session.update") == 3
+    assert "callgate_first_response_2" in [event.get("event_id") for event in failing_once.received]
     assert "Traceback" not in caplog.text
+
+
+async def test_a_model_link_that_keeps_dropping_ends_the_call_and_the_caller_hears_the_apology(
+        tmp_path, autojump_clock, caplog):
+    caplog.set_level(logging.INFO, logger="callgate")
+    always_failing = ScriptedRealtimeServer(fail_first_connections=100)
+    async with serving(always_failing, tmp_path) as port:
+        await run_phone_call("127.0.0.1", port, "CA1", talk_for(5.0), SimulatedPhone())
+        what_follows = await ask_what_follows_the_stream(port, "CA1")
+    assert len(always_failing.requests) == 1 + MODEL_RECONNECTS
+    assert ("ERROR", "call=CA1 [CALL] model link lost, ending call why='model socket closed code=1011 scripted "
+                     "failure'") in call_log(caplog)
+    assert "call=CA1 [CALL] call ended reason=model_link_lost" in caplog.text
+    said = ElementTree.fromstring(what_follows)
+    assert [(element.tag, element.text) for element in said] == [("Say", Settings().apology_text), ("Hangup", None)]
+
+
+async def test_a_model_that_cannot_be_reopened_ends_the_call_at_once(tmp_path, autojump_clock, caplog):
+    caplog.set_level(logging.INFO, logger="callgate")
+    model = ScriptedRealtimeServer(fail_first_connections=1, reject_after_first=True)
+    async with serving(model, tmp_path) as port:
+        await run_phone_call("127.0.0.1", port, "CA1", talk_for(10.0), SimulatedPhone())
+    assert any("reopening it failed" in line and "ConnectionRejected" in line for _, line in call_log(caplog))
+    assert "call=CA1 [CALL] call ended reason=model_link_lost" in caplog.text
 
 
 async def test_a_model_that_stalls_without_closing_is_found_by_its_missing_pong(tmp_path, autojump_clock, caplog):
@@ -220,7 +249,11 @@ async def test_a_model_that_stalls_without_closing_is_found_by_its_missing_pong(
             f"why='no pong from the model within {MODEL_PONG_TIMEOUT_S} s'") in call_log(caplog)
     hung_up_at_s = [at for at, what in phones[0].timeline.events if what == "server hung up"]
     assert len(hung_up_at_s) == 1
-    assert MODEL_PING_INTERVAL_S + MODEL_PONG_TIMEOUT_S <= hung_up_at_s[0] < 2 * MODEL_PING_INTERVAL_S + MODEL_PONG_TIMEOUT_S
+    # Each stalled link is found by its missing pong, and reopened while reconnects are left.
+    links = 1 + MODEL_RECONNECTS
+    found_within_s = (MODEL_PING_INTERVAL_S + MODEL_PONG_TIMEOUT_S, 2 * MODEL_PING_INTERVAL_S + MODEL_PONG_TIMEOUT_S)
+    assert links * found_within_s[0] <= hung_up_at_s[0] < links * found_within_s[1]
+    assert caplog.text.count("model link lost, reopening it why='no pong from the model") == MODEL_RECONNECTS
 
 
 async def test_bad_carrier_frames_are_logged_and_the_call_goes_on(tmp_path, autojump_clock, caplog):
@@ -673,3 +706,9 @@ async def test_the_callers_transcribed_words_are_stored_as_their_turn(tmp_path, 
         assert [(turn.role, turn.text, turn.truncated) for turn in TranscriptTurn.select()] == [
             ("user", "When do you open on Sunday?", False)]
     database.close()
+
+
+def test_connect_retries_pause_twice_as_long_each_time_spread_by_half_either_way():
+    assert [retry_pause_s(attempt, lambda: 0.5) for attempt in (1, 2)] == [0.25, 0.5]
+    assert (retry_pause_s(1, lambda: 0.0), retry_pause_s(2, lambda: 1.0)) == (0.125, 0.75)
+    assert len({retry_pause_s(1) for _ in range(20)}) > 1

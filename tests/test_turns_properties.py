@@ -17,7 +17,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition,
 from app.settings import Settings
 from app.turn_events import (
     AudioDelta, AudioDone, CallEnding, CallerTurnCommitted, CallStarted, ClearCarrier, CloseCall, DtmfPressed, HangUp, MarkPlayed,
-    ModelError, OutputItemAdded, PlayAudio, ResponseCreated, ResponseDone, SendToModel, Tick,
+    ModelError, ModelReconnected, OutputItemAdded, PlayAudio, ResponseCreated, ResponseDone, SendToModel, Tick,
     TranscriptDone, VoiceOnset,
 )
 from app.turns import FIRST_RESPONSE_TIMEOUT_S, Turns
@@ -141,6 +141,12 @@ class Call(RuleBasedStateMachine):
     @rule(voiced_ms=st.integers(min_value=20, max_value=2000))
     def caller_talks(self, voiced_ms):
         self.handle(VoiceOnset(voiced_ms))
+
+    @precondition(lambda self: not self.hung_up)
+    @rule()
+    def model_link_is_lost_and_reopened(self):
+        self.handle(ModelReconnected())
+        self.open_responses.clear()  # a new session never speaks of the lost one's responses
 
     @precondition(lambda self: not self.hung_up)
     @rule()

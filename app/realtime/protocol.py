@@ -152,3 +152,11 @@ def user_text_item(text: str) -> dict:
         "type": "conversation.item.create",
         "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]},
     }
+
+
+def assistant_text_item(text: str) -> dict:
+    """What the bot said, as text: a new session's memory of a conversation it did not hold."""
+    return {
+        "type": "conversation.item.create",
+        "item": {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": text}]},
+    }
