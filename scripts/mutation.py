@@ -24,12 +24,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("app", "dsp", "storage", "scripts")
 MODULES = {
-    "app/turns.py": ["tests/test_turns.py", "tests/test_turns_actions.py", "tests/test_turns_closing.py"],
+    "app/turns.py": ["tests/test_turns.py", "tests/test_turns_actions.py", "tests/test_turns_closing.py",
+                     "tests/test_turns_watchdog.py", "tests/test_turns_reconnect.py"],
     "app/playback.py": ["tests/test_playback.py"],
     "app/call.py": ["tests/test_call_wire.py", "tests/test_call_end_to_end.py"],
     "dsp/echo.py": ["tests/test_dsp_echo.py", "tests/test_dsp_echo_rules.py", "tests/test_dsp_canceller.py"],
     "dsp/vad.py": ["tests/test_dsp_vad.py"],
-    "storage/writer.py": ["tests/test_storage_writer.py"],
+    "app/http.py": ["tests/test_http_routes.py"],
+    "storage/writer.py": ["tests/test_storage_writer.py", "tests/test_storage_spill.py"],
+    "storage/spill.py": ["tests/test_storage_spill.py"],
     "storage/migrate.py": ["tests/test_storage_migrate.py"],
     # Not the worker-process tests: mutmut runs a mutant against the tests that reached its function in-process.
     "app/whatsapp/dispatch.py": [
