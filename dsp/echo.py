@@ -69,8 +69,6 @@ DOUBLE_TALK_FRAMES = 0.2 * WINDOW_FRAMES
 """More of the window accepted than this: the caller talked, and estimates are not believed."""
 SUSPECT_FRAMES = 0.6 * WINDOW_FRAMES
 """More than this: a line that changed is likelier than a caller talking that long."""
-EDGE_RATIO = energy_ratio(6.0)
-"""A frame whose far end rose or fell this much around the delay is at a word's edge."""
 CONFIRM_FRAMES = 3
 """Frames the canceller must keep cancelling to confirm a delay after a far-end silence."""
 QUIET_LINE_GAIN = energy_ratio(-30.0)
@@ -157,15 +155,6 @@ def estimate_echo_path(
     # Floored: a line of digital silence measures no echo at all, and gains are divided by.
     echo_gain = max(float(ratios[3 * len(ratios) // 4]), 1e-12)
     return max_lag_blocks - best_row, echo_gain
-
-
-def at_word_edge(far_by_delay: np.ndarray, delay_blocks: int) -> bool:
-    """True when the far end rose or fell by EDGE_RATIO within a frame either side of the delay.
-
-    `far_by_delay[d]` is the far end's energy over the 20 ms ending `d` blocks ago.
-    """
-    around = far_by_delay[max(0, delay_blocks - BLOCKS_PER_FRAME):delay_blocks + BLOCKS_PER_FRAME + 1]
-    return float(around.max()) > EDGE_RATIO * float(far_by_delay[delay_blocks])
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,8 +262,7 @@ class ReferenceEchoGate(_EnergyGate):
         if near_energy > CLEAR_MARGIN * broadband_echo:
             return True
         canceller.observe(near)
-        # A frame echoing the far end's start or end of a word is cancelled poorly: judge it broadband.
-        if canceller.ready and not at_word_edge(far_by_delay, path.delay_blocks):
+        if canceller.ready:
             if canceller.shows_caller(noise_energy, near_energy):
                 return True
         elif near_energy >= self.min_energy and near_energy > MARGIN * broadband_echo:

@@ -183,3 +183,34 @@ def test_a_caller_quieter_than_the_echo_fires_within_two_frames_of_the_floor(spe
     assert onsets, "the caller talking over the bot was never detected"
     # Six voiced frames is the floor; the broadband rule alone needed several more here.
     assert speech_frame < onsets[0] <= speech_frame + 6 + 2
+
+
+@pytest.mark.parametrize(("delay_ms", "hybrid"), [(0.0, {}), (125.0, {}), (125.0, NARROW_HYBRID)])
+def test_once_learned_the_canceller_leaves_the_echo_of_a_6_db_hybrid_20_db_under(speech_clip, delay_ms, hybrid):
+    answer = speech_clip("bot_answer_en.wav").astype(np.float64)
+    near = simulate_echo(answer, delay_ms, 6.0, **hybrid) + line_noise(len(answer), NOISE_RMS, np.random.default_rng(8))
+    gate = ReferenceEchoGate(min_rms=200.0)
+    removed_db = []
+    for index, (near_frame, far_frame) in enumerate(zip(frames(to_int16(near)), frames(to_int16(answer)))):
+        assert not gate.accepts(near_frame, far_frame, True)
+        canceller = gate.canceller
+        if index >= 150 and canceller.ready and canceller._spectra is not None:
+            near_bands, residual_bands, far_bands = canceller._frame_bands()
+            if far_bands.sum() > 1e9:
+                removed_db.append(10.0 * np.log10(near_bands.sum() / residual_bands.sum()))
+    # A one-tap product of windowed spectra leaves some 15 dB: the hybrid's dispersion crosses the frame's edge.
+    assert len(removed_db) > 100 and np.median(removed_db) >= 20.0
+
+
+def test_a_residual_within_the_residual_echo_of_the_bands_the_far_end_plays_is_no_caller():
+    canceller = SpectralEchoCanceller(history_samples=8000)
+    canceller.residual_gain = 1e-4
+    canceller.band_gains = np.full(BAND_COUNT, 1e-4)
+    canceller.band_gains[2] = 0.1  # a band the canceller removes little of
+    far_bands = np.zeros(BAND_COUNT)
+    far_bands[2] = 1e8
+    residual_bands = 0.2 * far_bands  # twice that band's residual echo, far over the broadband one
+    canceller._bands = np.array((residual_bands + far_bands * 0.3, residual_bands, far_bands))
+    assert not canceller.shows_caller(noise_energy=0.0, near_energy=0.0)
+    canceller._bands[1] *= 10.0
+    assert canceller.shows_caller(noise_energy=0.0, near_energy=0.0)

@@ -7,9 +7,9 @@ import pytest
 
 import dsp.echo
 from dsp.echo import (
-    BLOCKS_PER_FRAME, CONFIRM_FRAMES, DEFAULT_ECHO_GAIN, DELAY_STEPS, DOUBLE_TALK_FRAMES, EDGE_RATIO,
+    BLOCKS_PER_FRAME, CONFIRM_FRAMES, DEFAULT_ECHO_GAIN, DELAY_STEPS, DOUBLE_TALK_FRAMES,
     ENVELOPE_FLOOR_ENERGY, JITTER_BLOCKS, MARGIN, SHORTEST_WINDOW_BLOCKS, SPREAD_BLOCKS, SUSPECT_FRAMES, WINDOW_BLOCKS,
-    EchoPath, ReferenceEchoGate, at_word_edge, estimate_echo_path,
+    EchoPath, ReferenceEchoGate, estimate_echo_path,
 )
 from dsp.canceller import SpectralEchoCanceller
 from dsp.echo_path import simulate_echo, to_int16
@@ -30,23 +30,6 @@ def noise(rms: float, seed: int) -> np.ndarray:
 def feed(gate: ReferenceEchoGate, near: np.ndarray, far: np.ndarray) -> list[bool]:
     """Each 20 ms of `near` and `far` through the gate."""
     return [gate.accepts(near[i:i + FRAME], far[i:i + FRAME], True) for i in range(0, len(near) - FRAME + 1, FRAME)]
-
-
-@pytest.mark.parametrize(("delay_blocks", "louder_at", "at_edge"), [
-    (20, 15, False), (20, 16, True), (20, 24, True), (20, 25, False),  # a frame either side, no further
-    (2, 0, True),  # near the newest far frame: the frame either side is cut short, not shifted
-])
-def test_a_word_edge_is_a_far_end_6_db_louder_within_a_frame_of_the_delay(delay_blocks, louder_at, at_edge):
-    far_by_delay = np.full(DELAY_STEPS, 1e4)
-    far_by_delay[louder_at] = 1.01 * EDGE_RATIO * 1e4
-    assert at_word_edge(far_by_delay, delay_blocks) is at_edge
-
-
-def test_a_far_end_silent_around_the_delay_or_rising_just_under_6_db_is_no_word_edge():
-    assert not at_word_edge(np.zeros(DELAY_STEPS), 20)
-    far_by_delay = np.full(DELAY_STEPS, 1e4)
-    far_by_delay[18] = EDGE_RATIO * 1e4
-    assert not at_word_edge(far_by_delay, 20)
 
 
 def unconfirmed_gate(monkeypatch, fits: list[bool], ready: bool) -> tuple[ReferenceEchoGate, list[EchoPath]]:
@@ -102,7 +85,7 @@ def test_before_a_path_is_measured_a_frame_must_clear_the_bounded_echo_and_the_n
 
 
 @pytest.mark.parametrize(("near_rms", "accepted"), [(200, True), (199, False)])
-def test_at_a_word_edge_or_with_the_canceller_unready_a_frame_at_exactly_min_rms_is_the_caller(near_rms, accepted):
+def test_with_the_canceller_unready_a_frame_at_exactly_min_rms_is_the_caller(near_rms, accepted):
     gate = ReferenceEchoGate(min_rms=200.0)
     far = np.tile(square(200.0), 10)
     feed(gate, np.tile(square(30.0), 10), far)
