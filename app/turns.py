@@ -27,7 +27,7 @@ MODEL_PROGRESS_EVENTS = (ResponseCreated, OutputItemAdded, AudioDelta, AudioDone
 
 def heard_text(transcript: str, played_ms: int, generated_ms: int) -> str:
     """The words of `transcript` the caller heard, taking its words as evenly spread over its audio."""
-    if generated_ms <= 0 or played_ms >= generated_ms:
+    if played_ms >= generated_ms:
         return transcript
     words = transcript.split()
     return " ".join(words[:round(len(words) * played_ms / generated_ms)])
@@ -473,9 +473,8 @@ class Turns:
         ]
         actions.extend(SendToModel(_history_item(role, text)) for role, text in self._heard)
         if self._closing is not None:
-            line = self._responses.get(self._closing.response_id)
-            if self._closing.phase is not ClosingPhase.OVER and (line is None or not line.audible):
-                self._closing.phase = ClosingPhase.QUIETING  # asked again of the new session
+            if self._closing.phase is not ClosingPhase.OVER:
+                self._closing.phase = ClosingPhase.QUIETING  # silenced above with the rest: asked again of the new session
         elif self.first_utterance_protected:
             actions.extend(self._request_first_response(now))  # the greeting, cut short, is asked of the new session
         elif answering or self._reply_watch is not None:

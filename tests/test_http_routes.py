@@ -18,7 +18,9 @@ from trio_websocket import HandshakeError, open_websocket_url
 
 from app.carriers import twilio
 from app.carriers.simulated_twilio import stream_from_twiml
-from app.http import CLOSE_TIMEOUT_S, KEEP_ALIVE_IDLE_S, REQUEST_TIMEOUT_S, HttpRequest, HttpResponse, Router
+from app.http import (
+    CLOSE_TIMEOUT_S, KEEP_ALIVE_IDLE_S, REQUEST_TIMEOUT_S, ConnectionLimits, HttpRequest, HttpResponse, Router,
+)
 from app.call import ModelEndpoint
 from app.server import MEDIA_PATH, START_TIMEOUT_S, CallgateServer, serve
 from app.settings import Settings
@@ -401,3 +403,72 @@ async def test_past_a_connection_cap_new_connections_are_closed_at_once_until_on
     lines = [record.getMessage() for record in caplog.records if "connections" in record.getMessage()]
     assert lines == [f"call=- [HTTP] connections refused until some close {cap_log}",
                      f"call=- [HTTP] connections accepted again refused=2 {cap_log.split(' ', 1)[1]}"]
+
+
+class _PeerStream:
+    """A connection from a given client address, as a socket stream reports it; closing is all it does."""
+
+    def __init__(self, address: str) -> None:
+        self.socket = type("PeerSocket", (), {"getpeername": lambda _self: (address, 40000)})()
+        self.closed = False
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+async def test_connections_past_a_cap_are_closed_unserved_and_served_again_once_one_closes(caplog):
+    caplog.set_level(logging.WARNING, logger="callgate.http")
+    served: list[str] = []
+    may_close = {address: trio.Event() for address in ("10.0.0.1", "10.0.0.2")}
+
+    async def serve_one(stream):
+        address = stream.socket.getpeername()[0]
+        served.append(address)
+        await may_close[address].wait()
+
+    limits = ConnectionLimits(serve_one, total=3, per_address=2)
+    async with trio.open_nursery() as nursery:
+        streams = [_PeerStream(address) for address in ("10.0.0.1", "10.0.0.1", "10.0.0.1", "10.0.0.2", "10.0.0.2")]
+        for stream in streams:
+            nursery.start_soon(limits.handle_connection, stream)
+            await trio.testing.wait_all_tasks_blocked()
+        # The third from 10.0.0.1 passed its address's cap; the second from 10.0.0.2 the cap on all.
+        assert served == ["10.0.0.1", "10.0.0.1", "10.0.0.2"] and limits.open_count == 3
+        assert [stream.closed for stream in streams] == [False, False, True, False, True]
+        may_close["10.0.0.1"].set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert limits.open_count == 1 and dict(limits._open_by_address) == {"10.0.0.2": 1}
+        may_close["10.0.0.1"] = trio.Event()
+        nursery.start_soon(limits.handle_connection, _PeerStream("10.0.0.1"))
+        await trio.testing.wait_all_tasks_blocked()
+        assert served[-1] == "10.0.0.1" and limits.open_count == 2
+        for closes in may_close.values():
+            closes.set()
+    assert limits.open_count == 0 and not limits._open_by_address
+    assert [record.getMessage() for record in caplog.records if record.name == "callgate.http"] == [
+        "call=- [HTTP] connections refused until some close open=2 from='10.0.0.1'",
+        "call=- [HTTP] connections refused until some close open=3 from='all addresses'",
+        "call=- [HTTP] connections accepted again refused=1 from='all addresses'",
+        "call=- [HTTP] connections accepted again refused=1 from='10.0.0.1'",
+    ]
+
+
+async def test_a_flood_past_the_cap_logs_once_as_it_starts_and_once_with_its_count_as_it_ends(caplog):
+    caplog.set_level(logging.WARNING, logger="callgate.http")
+    release = trio.Event()
+
+    async def serve_one(stream):
+        await release.wait()
+
+    limits = ConnectionLimits(serve_one, total=1, per_address=0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(limits.handle_connection, trio.testing.MemorySendStream())
+        await trio.testing.wait_all_tasks_blocked()
+        for _ in range(4):
+            await limits.handle_connection(trio.testing.MemorySendStream())
+        release.set()
+    await limits.handle_connection(trio.testing.MemorySendStream())
+    assert [record.getMessage() for record in caplog.records if record.name == "callgate.http"] == [
+        "call=- [HTTP] connections refused until some close open=1 from='all addresses'",
+        "call=- [HTTP] connections accepted again refused=4 from='all addresses'",
+    ]

@@ -139,8 +139,10 @@ async def test_past_capacity_records_spill_to_disk_and_come_back_in_order_once_t
     assert Call.select().where(Call.end_reason == "caller_hung_up").count() == 3
     assert CallEvent.select().count() == 3 * 3 + 1 and TranscriptTurn.select().count() == 3 * 2
     assert not storage_log_lines(caplog, logging.ERROR)
-    assert "writer queue full; spilling records to disk" in storage_log_lines(caplog, logging.WARNING)[0]
-    assert any("spill file written back" in line for line in storage_log_lines(caplog, logging.INFO))
+    spill_file = writer._spill.path
+    assert [line for line in storage_log_lines(caplog, logging.WARNING) if "spill" in line] == [
+        f"call=CA0 [STORAGE] writer queue full; spilling records to disk queued=3 file={spill_file}"]
+    assert "call=- [STORAGE] spill file written back; queueing in memory again" in storage_log_lines(caplog, logging.INFO)
 
 
 async def test_what_the_database_cannot_take_by_shutdown_is_written_by_the_next_start(database, tmp_path, caplog,
@@ -156,7 +158,9 @@ async def test_what_the_database_cannot_take_by_shutdown_is_written_by_the_next_
             first_run.submit(record)
         await until_logged(caplog, logging.WARNING, "attempt=1")
         nursery.cancel_scope.cancel()
-    assert "records kept in the spill file for the next start" in storage_log_lines(caplog, logging.WARNING)[-1]
+    assert storage_log_lines(caplog, logging.WARNING)[-1] == (
+        f"call=- [STORAGE] records kept in the spill file for the next start file={first_run._spill.path} "
+        "unwritten_at_shutdown=4")
     assert not any("lost" in line for line in storage_log_lines(caplog, logging.ERROR))
     assert [first_run._spill.take(100)] == [calls[0] + calls[1]]  # the queued four ahead of the ten spilled
     first_run._spill.append(calls[0] + calls[1])
@@ -173,8 +177,16 @@ async def test_what_the_database_cannot_take_by_shutdown_is_written_by_the_next_
     assert Call.select().where(Call.end_reason == "caller_hung_up").count() == 2
     assert CallEvent.select().count() == 6 and TranscriptTurn.select().count() == 4
     assert list((tmp_path / "spill").iterdir()) == []
-    assert any("spilled records of an earlier run found; writing them records=14" in line
-               for line in storage_log_lines(caplog, logging.WARNING))
+    assert "call=- [STORAGE] spilled records of an earlier run found; writing them records=14" in storage_log_lines(
+        caplog, logging.WARNING)
+
+
+def test_call_records_and_whatsapp_statuses_spill_to_files_of_their_own_under_one_bound(tmp_path):
+    writers = StorageWriters.spilling_to(None, tmp_path, capacity=7)
+    assert [(name, writer._capacity, writer._spill.path.parent, writer._spill.path.name.split(".")[0])
+            for name, writer in writers.named()] == [
+        ("calls", 7, tmp_path, "calls"), ("whatsapp statuses", 7, tmp_path, "whatsapp-statuses")]
+    assert writers.named()[0][1] is writers.calls and writers.named()[1][1] is writers.statuses
 
 
 async def test_a_burst_of_delivery_callbacks_never_holds_up_a_calls_records(migrated_database, tmp_path, monkeypatch):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from app.realtime import protocol
 from app.settings import Settings
 from app.turn_events import (
-    AudioDelta, CallerTranscript, CallerTurnCommitted, CallStarted, ClearCarrier, CloseCall, DtmfPressed, Log,
+    AudioDelta, CallerTranscript, CallerTurnCommitted, CallStarted, ClearCarrier, CloseCall, DtmfPressed, HangUp, Log,
     ModelReconnected, RecordEvent, RecordTranscript, ResponseCreated, ResponseDone, SendToModel, StopPlayback, Tick,
     TranscriptDone, VoiceOnset,
 )
@@ -109,3 +109,48 @@ def test_a_closing_line_not_yet_heard_is_asked_of_the_new_session():
     actions = turns.handle(ModelReconnected(), 10.5)
     closing_request = {**protocol.response_create(SETTINGS.closing_instructions), "event_id": "callgate_closing_line"}
     assert model_events(actions)[-1] == closing_request
+
+
+def test_heard_text_of_a_transcript_heard_to_the_end_is_the_transcript_as_it_came():
+    assert heard_text("Hello,  there.\nHow are you?", 1000, 1000) == "Hello,  there.\nHow are you?"
+    assert heard_text("one two", 0, 20) == ""
+
+
+def test_an_answer_the_model_began_unasked_is_asked_again_of_the_new_session():
+    turns = greeted_call()
+    turns.handle(ResponseCreated("resp_2"), 3.0)  # the model's own turn detection answered: no reply was owed
+    turns.handle(AudioDelta("resp_2", "item_2", ONE_SECOND_OF_AUDIO), 3.1)
+    assert model_events(turns.handle(ModelReconnected(), 3.5), "response.create") == [protocol.response_create()]
+
+
+def test_only_items_heard_and_transcribed_are_restored():
+    turns = greeted_with_transcript()
+    turns.handle(ResponseCreated("resp_2"), 3.0)
+    heard_marks = marks(turns.handle(AudioDelta("resp_2", "item_2", ONE_SECOND_OF_AUDIO), 3.1))
+    turns.handle(AudioDelta("resp_2", "item_3", ONE_SECOND_OF_AUDIO), 3.2)  # never heard
+    turns.handle(TranscriptDone("resp_2", "item_3", "and on Mondays too"), 3.3)
+    turns.handle(AudioDelta("resp_2", "item_4", ONE_SECOND_OF_AUDIO), 3.3)  # heard, its transcript never came
+    play_all(turns, heard_marks, 4.1)
+    actions = turns.handle(ModelReconnected(), 4.5)
+    assert [action for action in actions if isinstance(action, RecordTranscript)] == []
+    assert model_events(actions, "conversation.item.create") == [protocol.assistant_text_item("Hello, how can I help?")]
+
+
+def test_a_closing_line_asked_for_but_not_begun_is_asked_of_the_new_session():
+    turns = greeted_call()
+    turns.handle(CloseCall("max_duration"), 10.0)
+    actions = turns.handle(ModelReconnected(), 10.5)
+    closing_request = {**protocol.response_create(SETTINGS.closing_instructions), "event_id": "callgate_closing_line"}
+    assert model_events(actions)[-1] == closing_request
+
+
+def test_after_the_closing_line_was_heard_a_reopened_session_is_asked_nothing():
+    turns = greeted_call()
+    turns.handle(CloseCall("max_duration"), 10.0)
+    turns.handle(ResponseCreated("resp_9"), 10.1)
+    line_marks = marks(turns.handle(AudioDelta("resp_9", "item_9", ONE_SECOND_OF_AUDIO), 10.2))
+    turns.handle(ResponseDone("resp_9", "completed"), 10.3)
+    assert HangUp("max_duration") in play_all(turns, line_marks, 11.2)
+    actions = turns.handle(ModelReconnected(), 11.5)
+    assert model_events(actions, "response.create") == [] and HangUp("max_duration") not in actions
+
