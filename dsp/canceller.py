@@ -95,7 +95,7 @@ class SpectralEchoCanceller:
         regularisation_db: float = -40.0,
         gain_quantile: float = 0.9,
         measurements_held: int = 3,
-        warmup_frames: int = 25,
+        warmup_frames: int = 5,
         lead_samples: int = 3,
         fit_db: float = 10.0,
         min_fitting_frames: int = 3,

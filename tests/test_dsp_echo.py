@@ -174,6 +174,21 @@ def test_on_a_line_without_echo_a_caller_10_db_under_a_loud_bot_fires_at_the_flo
     assert unopposed[0] <= onsets[0] <= unopposed[0] + 20.0
 
 
+@pytest.mark.parametrize("delay_ms", [35.0, 80.0, 215.0])
+def test_the_canceller_is_at_work_within_the_first_second_and_a_half_of_an_echoing_line(speech_clip, delay_ms):
+    # 600 ms of line noise, then the first answer: no greeting taught the gate this 10 dB hybrid.
+    bot = np.concatenate([np.zeros(4800), speech_clip("bot_answer_en.wav").astype(np.float64)])
+    caller = load_wav(VOICES / "caller_wait_he_m.wav").astype(np.float64)
+    caller *= active_speech_rms(bot) / active_speech_rms(caller)
+    caller_at_s = 0.6 + 1.5
+    near, far = echo_call(bot, delay_ms, 10.0, 11, caller, caller_at_s)
+    alone, _ = echo_call(np.zeros(len(bot)), delay_ms, 10.0, 11, caller, caller_at_s)
+    unopposed = onsets_ms(alone, np.zeros(len(alone), dtype=np.int16))
+    onsets = [onset for onset in onsets_ms(near, far) if onset >= 1000.0 * caller_at_s]
+    # The filter cancels after a few echo-only frames: waiting for half a second of them cost 0.4-1 s here.
+    assert onsets and onsets[0] <= unopposed[0] + 40.0
+
+
 def test_a_greeting_without_echo_teaches_the_gate_there_is_none(speech_clip):
     greeting = speech_clip("bot_greeting_en.wav").astype(np.float64)
     near = to_int16(line_noise(len(greeting), NOISE_RMS, np.random.default_rng(8)))
