@@ -9,6 +9,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import trio
 
+import storage.spill
 import storage.writer
 from storage.migrate import apply_migrations
 from storage.models import Call, CallEvent, TranscriptTurn
@@ -66,8 +67,62 @@ def test_a_torn_last_line_is_logged_and_the_rest_taken_back(tmp_path, caplog):
     with spill.path.open("a") as file:
         file.write('{"type": "CallEnded", "fie')  # the process died mid-append
     assert spill.take(100) == records
-    assert [(record.name, record.levelno) for record in caplog.records if "unreadable" in record.getMessage()] == [
-        ("storage.spill", logging.ERROR)]
+    assert [(record.name, record.levelno, record.getMessage()) for record in caplog.records
+            if "unreadable" in record.getMessage()] == [
+        ("storage.spill", logging.ERROR, f"call=- [STORAGE] spilled line unreadable; dropped file={spill.path} "
+         "error='not a spilled record: JSONDecodeError: Unterminated string starting at: line 1 column 23 (char 22)'")]
+
+
+def test_a_spill_directory_not_yet_made_is_made_with_its_parents(tmp_path):
+    records = simulated_call("CA1")
+    appended = SpillFile(tmp_path / "spill" / "calls", "calls")
+    appended.append(records[:1])
+    prepended = SpillFile(tmp_path / "other" / "calls", "calls")
+    prepended.prepend(records[1:2])
+    assert appended.take(10) == records[:1] and prepended.take(10) == records[1:2]
+
+
+def test_taking_from_a_spill_file_never_written_takes_nothing(tmp_path):
+    spill = SpillFile(tmp_path, "calls")
+    assert spill.take(10) == [] and spill.is_empty()
+    spill.path.write_text("{")
+    assert not spill.is_empty()
+
+
+def test_a_leftover_torn_mid_append_costs_only_its_torn_line(tmp_path, caplog):
+    records = simulated_call("CA1")
+    dead = SpillFile(tmp_path, "calls", instance="elsewhere-1-aa")
+    dead.append(records[:2])
+    with dead.path.open("a") as file:
+        file.write('{"type": "CallEnded", "fie')  # the process died mid-append
+    ours = SpillFile(tmp_path, "calls")
+    assert ours.claim_leftovers() == 3
+    ours.append(records[2:])
+    # The torn line ends where it was cut: the records appended after it stay lines of their own.
+    assert ours.take(100) == records
+    assert len([record for record in caplog.records if "unreadable" in record.getMessage()]) == 1
+
+
+def test_leftovers_listed_but_gone_before_their_claim_are_passed_over(tmp_path, monkeypatch):
+    """Another process starting at once claims or clears some files between our listing and our rename."""
+    records = simulated_call("CA1")
+    first = SpillFile(tmp_path, "calls", instance="a-1-aa")
+    first.append(records[:1])
+    cut_short = tmp_path / "calls.b-1-bb.jsonl.staged"
+    cut_short.write_text("a rewrite that never replaced its file\n")
+    last = SpillFile(tmp_path, "calls", instance="c-1-cc")
+    last.append(records[1:2])
+    owner_is_alive = storage.spill._owner_is_alive
+
+    def claimed_elsewhere_first(name: str) -> bool:
+        if name in (first.path.name, cut_short.name):
+            (tmp_path / name).unlink()
+        return owner_is_alive(name)
+
+    monkeypatch.setattr(storage.spill, "_owner_is_alive", claimed_elsewhere_first)
+    ours = SpillFile(tmp_path, "calls", instance="z-1-zz")
+    assert ours.claim_leftovers() == 1
+    assert ours.take(10) == records[1:2]
 
 
 def test_leftovers_of_dead_instances_are_claimed_and_those_of_live_ones_left(tmp_path):
