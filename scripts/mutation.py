@@ -111,7 +111,9 @@ def mutate(module: str, tests: list[str], mutmut: str, scratch: Path, processes:
             (killed + sum(name in equivalent for name in surviving)) / max(1, stats["total"]), 3),
         "not_covered": stats["no_tests"],
         "surviving": {name: changed_line(mutmut, work, name) for name in surviving if name not in equivalent},
-        "equivalent": {name: equivalent[name] for name in surviving if name in equivalent},
+        # The edit beside the reason: a listed name points at another edit once its function changes.
+        "equivalent": {name: {"edit": changed_line(mutmut, work, name), "why": equivalent[name]}
+                       for name in surviving if name in equivalent},
         "seconds": round(time.perf_counter() - started, 1),
     }
 

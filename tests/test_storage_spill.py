@@ -200,6 +200,62 @@ async def test_past_capacity_records_spill_to_disk_and_come_back_in_order_once_t
     assert "call=- [STORAGE] spill file written back; queueing in memory again" in storage_log_lines(caplog, logging.INFO)
 
 
+async def test_a_disk_that_refuses_the_spill_is_retried_until_it_takes_every_record(
+        database, tmp_path, caplog, monkeypatch):
+    caplog.set_level(logging.INFO, logger="storage.writer")
+    monkeypatch.setattr(storage.writer, "RETRY_BASE_DELAY_S", 0.01)
+    writer = spilling_writer(database, tmp_path, capacity=2)
+    append = writer._spill.append
+    refusals = iter([OSError(28, "No space left on device"), OSError(5, "Input/output error")])
+
+    def full_disk_then_room(records):
+        refusal = next(refusals, None)
+        if refusal is not None:
+            raise refusal
+        append(records)
+
+    monkeypatch.setattr(writer._spill, "append", full_disk_then_room)
+    records = simulated_call("CA1")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        for record in records:
+            writer.submit(record)
+        # Nothing more is submitted: the retries alone must get the records onto the disk.
+        with trio.fail_after(HANG_GUARD_S):
+            while writer._to_spill:
+                await trio.sleep(0.01)
+        assert writer._spill.take(100) == records[2:]
+        nursery.cancel_scope.cancel()
+    spill_errors = [line for line in storage_log_lines(caplog, logging.ERROR) if "spill" in line]
+    assert spill_errors == [
+        "call=CA1 [STORAGE] spill file write failed; retrying records=5 attempt=1 error='[Errno 28] No space left on device'",
+        "call=CA1 [STORAGE] spill file write failed; retrying records=5 attempt=2 error='[Errno 5] Input/output error'"]
+
+
+async def test_flush_waits_for_records_still_on_their_way_to_a_refusing_disk(migrated_database, tmp_path, monkeypatch):
+    monkeypatch.setattr(storage.writer, "RETRY_BASE_DELAY_S", 0.05)
+    writer = spilling_writer(migrated_database, tmp_path, capacity=2)
+    append = writer._spill.append
+    refusals = iter([OSError(28, "No space left on device")] * 3)
+
+    def full_disk_then_room(records):
+        refusal = next(refusals, None)
+        if refusal is not None:
+            raise refusal
+        append(records)
+
+    monkeypatch.setattr(writer._spill, "append", full_disk_then_room)
+    records = simulated_call("CA1")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        for record in records:
+            writer.submit(record)
+        await flush(writer)
+        # The database took the two in memory long before the disk took the rest: flush waited for those too.
+        assert not writer._to_spill and next(refusals, None) is None
+        nursery.cancel_scope.cancel()
+
+
 async def test_what_the_database_cannot_take_by_shutdown_is_written_by_the_next_start(database, tmp_path, caplog,
                                                                                       monkeypatch):
     caplog.set_level(logging.INFO, logger="storage.writer")
