@@ -14,12 +14,12 @@ from functools import partial
 import pytest
 import trio
 import trio.testing
-from trio_websocket import HandshakeError, open_websocket_url
+from trio_websocket import ConnectionRejected, HandshakeError, open_websocket_url
 
 from app.carriers import twilio
 from app.carriers.simulated_twilio import stream_from_twiml
 from app.http import (
-    CLOSE_TIMEOUT_S, KEEP_ALIVE_IDLE_S, REQUEST_TIMEOUT_S, ConnectionLimits, HttpRequest, HttpResponse, Router,
+    CLOSE_TIMEOUT_S, KEEP_ALIVE_IDLE_S, MAX_BODY_BYTES, REQUEST_TIMEOUT_S, ConnectionLimits, HttpRequest, HttpResponse, Router,
 )
 from app.call import ModelEndpoint
 from app.server import MEDIA_PATH, START_TIMEOUT_S, CallgateServer, serve
@@ -472,3 +472,72 @@ async def test_a_flood_past_the_cap_logs_once_as_it_starts_and_once_with_its_cou
         "call=- [HTTP] connections refused until some close open=1 from='all addresses'",
         "call=- [HTTP] connections accepted again refused=4 from='all addresses'",
     ]
+
+
+def test_a_form_keeps_its_blank_fields_and_survives_bytes_that_are_not_utf8():
+    """Twilio signs every field it posts, blank ones too: a dropped blank field would fail the signature."""
+    request = HttpRequest("POST", "/twilio/voice", {}, b"CallSid=CA1&CallerName=&Note=caf%C3%A9&Raw=\xff")
+    assert request.form() == {"CallSid": "CA1", "CallerName": "", "Note": "café", "Raw": "\ufffd"}
+
+
+async def http_head_and_body(port: int, request: bytes) -> tuple[bytes, bytes]:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(request)
+        response = b""
+        while chunk := await stream.receive_some(65536):
+            response += chunk
+    head, _, body = response.partition(b"\r\n\r\n")
+    return head, body
+
+
+async def test_a_path_with_named_parts_matches_one_segment_per_part_and_says_what_is_wrong_otherwise(autojump_clock):
+    async def messages(request: HttpRequest) -> HttpResponse:
+        return HttpResponse.json(200, {"path": request.path})
+
+    router = Router()
+    router.http("POST", "/{version}/{phone_number_id}/messages", messages)
+    router.http("GET", "/v1.0/literal", messages)
+
+    async def check(port):
+        head, body = await http_head_and_body(
+            port, b"POST /v21.0/1234/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        assert head.split(b"\r\n")[0] == b"HTTP/1.1 200 "
+        assert b"\r\ncontent-type: application/json\r\n" in head.lower()
+        assert b"\r\ncontent-length: %d" % len(body) in head.lower()
+        assert json.loads(body) == {"path": "/v21.0/1234/messages"}
+        for path in ("/v21.0/1234/5/messages", "/v21.0/messages", "/v21.0/1234/messages/x", "/v1x0/literal"):
+            request = f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+            assert await http(port, request) == (404, b"not found"), path
+        request = b"GET /v21.0/1234/messages HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        assert await http(port, request) == (405, b"method not allowed")
+    await with_router(router, check)
+
+
+async def test_a_body_of_the_largest_size_is_read_and_one_byte_more_refused(autojump_clock, caplog):
+    async def size(request: HttpRequest) -> HttpResponse:
+        return HttpResponse(200, str(len(request.body)).encode())
+
+    router = Router()
+    router.http("POST", "/size", size)
+
+    def posting(length: int) -> bytes:
+        return (f"POST /size HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\nConnection: close\r\n\r\n".encode()
+                + b"x" * length)
+
+    async def check(port):
+        assert await http(port, posting(MAX_BODY_BYTES)) == (200, str(MAX_BODY_BYTES).encode())
+        assert (await http(port, posting(MAX_BODY_BYTES + 1)))[0] == 400
+    with caplog.at_level(logging.WARNING, logger="callgate.http"):
+        await with_router(router, check)
+    assert [record.getMessage() for record in caplog.records if record.name == "callgate.http"] == [
+        f"call=- [HTTP] bad request refused why='request body over {MAX_BODY_BYTES} bytes'"]
+
+
+async def test_a_websocket_at_no_route_is_refused_with_a_reason(tmp_path, autojump_clock):
+    async def check(port):
+        with pytest.raises(ConnectionRejected) as refusal:
+            async with open_websocket_url(f"ws://127.0.0.1:{port}/media/other"):
+                pass
+        assert (refusal.value.status_code, refusal.value.body) == (404, b"no WebSocket at this path")
+    await with_server(tmp_path, check)
