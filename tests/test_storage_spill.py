@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
+import textwrap
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 import trio
@@ -71,6 +75,29 @@ def test_a_torn_last_line_is_logged_and_the_rest_taken_back(tmp_path, caplog):
             if "unreadable" in record.getMessage()] == [
         ("storage.spill", logging.ERROR, f"call=- [STORAGE] spilled line unreadable; dropped file={spill.path} "
          "error='not a spilled record: JSONDecodeError: Unterminated string starting at: line 1 column 23 (char 22)'")]
+
+
+def test_spill_files_are_utf8_under_any_locale(tmp_path):
+    """A container started with LANG=C has an ASCII default encoding: callers' words in Hebrew must still spill."""
+    script = textwrap.dedent("""
+        import sys
+        from datetime import datetime, timezone
+        from storage.records import TranscriptTurnRecord
+        from storage.spill import SpillFile
+        at = datetime(2025, 3, 1, tzinfo=timezone.utc)
+        said = [TranscriptTurnRecord("CA1", "user", "\\u05e9\\u05dc\\u05d5\\u05dd", at),
+                TranscriptTurnRecord("CA1", "assistant", "caf\\u00e9", at)]
+        SpillFile(sys.argv[1], "calls", instance="elsewhere-1-aa").append(said)
+        ours = SpillFile(sys.argv[1], "calls")
+        assert ours.claim_leftovers() == 2
+        ours.prepend(ours.take(1))
+        assert ours.take(10) == said
+        print("taken back whole")
+    """)
+    ascii_locale = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    spilled = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=ascii_locale, capture_output=True,
+                             text=True, cwd=Path(__file__).resolve().parent.parent, timeout=60)
+    assert spilled.stdout == "taken back whole\n", spilled.stderr
 
 
 def test_a_spill_directory_not_yet_made_is_made_with_its_parents(tmp_path):
@@ -142,6 +169,19 @@ def test_leftovers_of_dead_instances_are_claimed_and_those_of_live_ones_left(tmp
     assert ours.take(100) == records[2:4] + records[:2]
     assert alive.take(100) == records[4:]
     assert sorted(path.name for path in tmp_path.iterdir()) == [statuses.path.name]
+
+
+def test_a_host_name_with_dots_and_dashes_still_tells_live_instances_from_dead_ones(tmp_path, monkeypatch):
+    monkeypatch.setattr(storage.spill.socket, "gethostname", lambda: "ip-10-0-0-1.ec2.internal")
+    records = simulated_call("CA1")
+    dead = SpillFile(tmp_path, "calls", instance=f"{storage.spill._host_name()}-999999-aa")
+    alive = SpillFile(tmp_path, "calls", instance=f"{storage.spill._host_name()}-{os.getppid()}-bb")
+    dead.append(records[:2])
+    alive.append(records[2:])
+    ours = SpillFile(tmp_path, "calls")
+    assert ours.instance.count(".") == 0
+    assert ours.claim_leftovers() == 2 and ours.take(100) == records[:2]
+    assert alive.take(100) == records[2:]
 
 
 def test_an_earlier_run_under_our_own_pid_is_not_us(tmp_path):
