@@ -255,7 +255,7 @@ async def test_a_disk_that_refuses_the_spill_is_retried_until_it_takes_every_rec
         append(records)
 
     monkeypatch.setattr(writer._spill, "append", full_disk_then_room)
-    records = simulated_call("CA1")
+    records = simulated_call("CA1")[:3] + simulated_call("CA2")  # the lines name the oldest waiting's call
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.run)
         for record in records:
@@ -268,8 +268,8 @@ async def test_a_disk_that_refuses_the_spill_is_retried_until_it_takes_every_rec
         nursery.cancel_scope.cancel()
     spill_errors = [line for line in storage_log_lines(caplog, logging.ERROR) if "spill" in line]
     assert spill_errors == [
-        "call=CA1 [STORAGE] spill file write failed; retrying records=5 attempt=1 error='[Errno 28] No space left on device'",
-        "call=CA1 [STORAGE] spill file write failed; retrying records=5 attempt=2 error='[Errno 5] Input/output error'"]
+        "call=CA1 [STORAGE] spill file write failed; retrying records=8 attempt=1 error='[Errno 28] No space left on device'",
+        "call=CA1 [STORAGE] spill file write failed; retrying records=8 attempt=2 error='[Errno 5] Input/output error'"]
 
 
 async def test_flush_waits_for_records_still_on_their_way_to_a_refusing_disk(migrated_database, tmp_path, monkeypatch):
