@@ -33,7 +33,7 @@ AUTH_TOKEN = "12345"
 PUBLIC_HOST = "calls.example.com"
 
 
-async def http(port: int, request: bytes) -> tuple[int, bytes]:
+async def http_head_and_body(port: int, request: bytes) -> tuple[bytes, bytes]:
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     async with stream:
         await stream.send_all(request)
@@ -41,6 +41,11 @@ async def http(port: int, request: bytes) -> tuple[int, bytes]:
         while chunk := await stream.receive_some(65536):
             response += chunk
     head, _, body = response.partition(b"\r\n\r\n")
+    return head, body
+
+
+async def http(port: int, request: bytes) -> tuple[int, bytes]:
+    head, body = await http_head_and_body(port, request)
     return int(head.split(b" ")[1]), body
 
 
@@ -478,17 +483,6 @@ def test_a_form_keeps_its_blank_fields_and_survives_bytes_that_are_not_utf8():
     """Twilio signs every field it posts, blank ones too: a dropped blank field would fail the signature."""
     request = HttpRequest("POST", "/twilio/voice", {}, b"CallSid=CA1&CallerName=&Note=caf%C3%A9&Raw=\xff")
     assert request.form() == {"CallSid": "CA1", "CallerName": "", "Note": "café", "Raw": "\ufffd"}
-
-
-async def http_head_and_body(port: int, request: bytes) -> tuple[bytes, bytes]:
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    async with stream:
-        await stream.send_all(request)
-        response = b""
-        while chunk := await stream.receive_some(65536):
-            response += chunk
-    head, _, body = response.partition(b"\r\n\r\n")
-    return head, body
 
 
 async def test_a_path_with_named_parts_matches_one_segment_per_part_and_says_what_is_wrong_otherwise(autojump_clock):
