@@ -13,9 +13,10 @@ from dsp.vad import FrameVad, VoiceOnset
 
 INBOUND_FRAME_BYTES = 160
 """One 20 ms frame of 8 kHz mu-law, as the carrier sends it."""
-MASKED_FRAMES_BRIDGED = 1
+MASKED_FRAMES_BRIDGED = 2
 """A voiced frame the gate cannot tell from echo, inside the caller's run (a stop consonant under a loud
-syllable of the bot), does not restart the onset's count; one per run, so echo cannot string one together."""
+syllable of the bot), does not restart the onset's count; two per run (a quiet caller's first word may dip
+twice), so echo cannot string one together: it must pass the gate on six frames of eight."""
 CALLER_HANGOVER_FRAMES = 10
 """After a voiced frame the gate took for the caller, voiced frames within 200 ms are the caller's too."""
 
