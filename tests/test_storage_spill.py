@@ -240,21 +240,27 @@ async def test_past_capacity_records_spill_to_disk_and_come_back_in_order_once_t
     assert "call=- [STORAGE] spill file written back; queueing in memory again" in storage_log_lines(caplog, logging.INFO)
 
 
-async def test_a_disk_that_refuses_the_spill_is_retried_until_it_takes_every_record(
-        database, tmp_path, caplog, monkeypatch):
-    caplog.set_level(logging.INFO, logger="storage.writer")
-    monkeypatch.setattr(storage.writer, "RETRY_BASE_DELAY_S", 0.01)
-    writer = spilling_writer(database, tmp_path, capacity=2)
+def refuse_spills(writer, monkeypatch, refusals: list[OSError]):
+    """The writer's spill file raises each of `refusals` in turn, then appends; returns what is left of them."""
     append = writer._spill.append
-    refusals = iter([OSError(28, "No space left on device"), OSError(5, "Input/output error")])
+    left = iter(refusals)
 
     def full_disk_then_room(records):
-        refusal = next(refusals, None)
+        refusal = next(left, None)
         if refusal is not None:
             raise refusal
         append(records)
 
     monkeypatch.setattr(writer._spill, "append", full_disk_then_room)
+    return left
+
+
+async def test_a_disk_that_refuses_the_spill_is_retried_until_it_takes_every_record(
+        database, tmp_path, caplog, monkeypatch):
+    caplog.set_level(logging.INFO, logger="storage.writer")
+    monkeypatch.setattr(storage.writer, "RETRY_BASE_DELAY_S", 0.01)
+    writer = spilling_writer(database, tmp_path, capacity=2)
+    refuse_spills(writer, monkeypatch, [OSError(28, "No space left on device"), OSError(5, "Input/output error")])
     records = simulated_call("CA1")[:3] + simulated_call("CA2")  # the lines name the oldest waiting's call
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.run)
@@ -275,16 +281,7 @@ async def test_a_disk_that_refuses_the_spill_is_retried_until_it_takes_every_rec
 async def test_flush_waits_for_records_still_on_their_way_to_a_refusing_disk(migrated_database, tmp_path, monkeypatch):
     monkeypatch.setattr(storage.writer, "RETRY_BASE_DELAY_S", 0.05)
     writer = spilling_writer(migrated_database, tmp_path, capacity=2)
-    append = writer._spill.append
-    refusals = iter([OSError(28, "No space left on device")] * 3)
-
-    def full_disk_then_room(records):
-        refusal = next(refusals, None)
-        if refusal is not None:
-            raise refusal
-        append(records)
-
-    monkeypatch.setattr(writer._spill, "append", full_disk_then_room)
+    refusals = refuse_spills(writer, monkeypatch, [OSError(28, "No space left on device")] * 3)
     records = simulated_call("CA1")
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.run)
