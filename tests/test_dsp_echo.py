@@ -174,6 +174,14 @@ def test_on_a_line_without_echo_a_caller_10_db_under_a_loud_bot_fires_at_the_flo
     assert unopposed[0] <= onsets[0] <= unopposed[0] + 20.0
 
 
+def onsets_with_and_without_the_bot(bot, delay_ms: float, erl_db: float, caller, caller_at_s: float):
+    """Onsets from the caller's start, over the bot's echo and with nothing playing (same line noise)."""
+    near, far = echo_call(bot, delay_ms, erl_db, 11, caller, caller_at_s)
+    alone, _ = echo_call(np.zeros(len(bot)), delay_ms, erl_db, 11, caller, caller_at_s)
+    unopposed = [onset for onset in onsets_ms(alone, np.zeros(len(alone), dtype=np.int16)) if onset >= 1000.0 * caller_at_s]
+    return [onset for onset in onsets_ms(near, far) if onset >= 1000.0 * caller_at_s], unopposed
+
+
 @pytest.mark.parametrize("delay_ms", [35.0, 80.0, 215.0])
 def test_the_canceller_is_at_work_within_the_first_second_and_a_half_of_an_echoing_line(speech_clip, delay_ms):
     # 600 ms of line noise, then the first answer: no greeting taught the gate this 10 dB hybrid.
@@ -181,10 +189,7 @@ def test_the_canceller_is_at_work_within_the_first_second_and_a_half_of_an_echoi
     caller = load_wav(VOICES / "caller_wait_he_m.wav").astype(np.float64)
     caller *= active_speech_rms(bot) / active_speech_rms(caller)
     caller_at_s = 0.6 + 1.5
-    near, far = echo_call(bot, delay_ms, 10.0, 11, caller, caller_at_s)
-    alone, _ = echo_call(np.zeros(len(bot)), delay_ms, 10.0, 11, caller, caller_at_s)
-    unopposed = onsets_ms(alone, np.zeros(len(alone), dtype=np.int16))
-    onsets = [onset for onset in onsets_ms(near, far) if onset >= 1000.0 * caller_at_s]
+    onsets, unopposed = onsets_with_and_without_the_bot(bot, delay_ms, 10.0, caller, caller_at_s)
     # The filter cancels after a few echo-only frames: waiting for half a second of them cost 0.4-1 s here.
     assert onsets and onsets[0] <= unopposed[0] + 40.0
 
@@ -200,10 +205,7 @@ def test_a_quiet_caller_whose_first_word_dips_under_loud_echo_twice_is_heard_at_
     caller = load_wav(VOICES / "caller_wait_he_m.wav").astype(np.float64)
     caller *= active_speech_rms(answer) / active_speech_rms(caller) * 10.0 ** (caller_level_db / 20.0)
     at_s = (len(greeting) + 8000) / 8000 + caller_at_s
-    near, far = echo_call(bot, delay_ms, 6.0, 11, caller, at_s)
-    alone, _ = echo_call(np.zeros(len(bot)), delay_ms, 6.0, 11, caller, at_s)
-    unopposed = [onset for onset in onsets_ms(alone, np.zeros(len(alone), dtype=np.int16)) if onset >= 1000.0 * at_s]
-    onsets = [onset for onset in onsets_ms(near, far) if onset >= 1000.0 * at_s]
+    onsets, unopposed = onsets_with_and_without_the_bot(bot, delay_ms, 6.0, caller, at_s)
     # Bridging one masked frame a run, the onset waited for the caller's next word: 440-860 ms later.
     assert onsets and onsets[0] <= unopposed[0] + 40.0
 
